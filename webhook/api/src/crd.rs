@@ -1,0 +1,1 @@
+//! Rust types of the Istio, Gateway API and SMI resources Weft consumes.
