@@ -102,7 +102,7 @@ async fn route(proxy: &Proxy, surface: Surface, req: Request<Incoming>) -> Respo
     }
     match (method, path) {
         (&Method::GET, "/healthz/ready") => {
-            if proxy.is_ready() {
+            let mut r = if proxy.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else if proxy.drain.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -111,7 +111,12 @@ async fn route(proxy: &Proxy, surface: Surface, req: Request<Incoming>) -> Respo
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: waiting for config and certificate\n",
                 )
+            };
+            // Lets a control plane or test harness see which config version is live.
+            if let Ok(v) = header::HeaderValue::from_str(&proxy.config.load().snapshot.version) {
+                r.headers_mut().insert("x-weft-config-version", v);
             }
+            r
         }
         (&Method::GET, "/stats/prometheus") => {
             let mut r = text(StatusCode::OK, proxy.metrics.encode());

@@ -1,0 +1,1517 @@
+//! The local node: a Kubernetes-like node on one Linux host.
+//!
+//! The node lives in a network namespace of its own holding a bridge (10.44.0.0/16,
+//! fd00:44::/64). Each pod is a network namespace attached to that bridge by a veth pair,
+//! with its own cgroup and a hosts file mapping service names to service VIPs (10.96.0.0/16)
+//! that nothing routes: only the mesh's redirection makes them reachable. Pods are Kubernetes
+//! `Pod` objects; their init containers and containers run as the processes their images
+//! stand for, through `weft-pod-exec`, in the pod's namespaces with the container's user.
+//!
+//! Nothing is added to the machine's own network namespace, and everything is removed on
+//! drop (also on panic), with a sweep of what a killed run left behind at the next start.
+
+mod certs;
+pub mod fixtures;
+pub mod mesh;
+pub mod network;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Probe, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use weft_api::config::{DEFAULT_TRUST_DOMAIN, IdentityFiles};
+
+use crate::binaries;
+use crate::exec::{BindMount, ExecSpec, SPEC_ENV};
+use certs::Ca;
+use mesh::{PeerAuth, PodView};
+use network::Subnet;
+
+/// Root of the local nodes' cgroups.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/weft";
+/// Pod annotation (local node only): issue the proxy a certificate for this SPIFFE ID instead
+/// of its service account's.
+pub const ANNOTATION_IDENTITY: &str = "localnode.weft.dev/identity";
+/// Pod annotation (local node only): `rogue` issues the proxy's certificate from a CA the
+/// mesh does not trust.
+pub const ANNOTATION_CA: &str = "localnode.weft.dev/ca";
+/// Binaries the local node knows how to run, by command or image name.
+const KNOWN_BINARIES: [&str; 4] = [
+    "weft-proxy",
+    "weft-redirector",
+    "weft-sample-app",
+    "weft-webhook",
+];
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+static NODE_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// How a local node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Protocol detection timeout written into proxy configs.
+    pub detect_timeout: Duration,
+    /// How often proxies re-read their config file.
+    pub config_poll: Duration,
+    /// Extra environment for every `weft-proxy` container (e.g. `WEFT_LOG_LEVEL`).
+    pub proxy_env: Vec<(String, String)>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            detect_timeout: Duration::from_millis(500),
+            config_poll: Duration::from_millis(100),
+            proxy_env: vec![("WEFT_LOG_LEVEL".into(), "info".into())],
+        }
+    }
+}
+
+/// A running pod, as the caller sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// IPv4 address.
+    pub ip: Ipv4Addr,
+    /// IPv6 address.
+    pub ip6: Ipv6Addr,
+    /// Network namespace.
+    pub netns: String,
+}
+
+#[derive(Debug)]
+enum Role {
+    Sidecar,
+    Main,
+}
+
+#[derive(Debug)]
+struct Proc {
+    container: String,
+    role: Role,
+    child: Child,
+    exited: Option<ExitStatus>,
+}
+
+#[derive(Debug)]
+struct PodRun {
+    pod: Pod,
+    r: PodRef,
+    dir: PathBuf,
+    cgroup: PathBuf,
+    procs: Vec<Proc>,
+    meshed: bool,
+    running: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_pod: u16,
+    next_vip: u16,
+    services: Vec<(Service, Vec<IpAddr>)>,
+    pods: Vec<PodRun>,
+    peer_auths: Vec<PeerAuth>,
+    version: u64,
+}
+
+/// A local node. Dropping it tears everything down.
+pub struct LocalNode {
+    id: String,
+    ns: String,
+    dir: tempfile::TempDir,
+    cgroup: PathBuf,
+    bins: PathBuf,
+    ca: Ca,
+    rogue_ca: Ca,
+    trust_domain: String,
+    options: NodeOptions,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for LocalNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalNode")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalNode {
+    /// Starts a node with default options.
+    pub fn start() -> anyhow::Result<LocalNode> {
+        Self::start_with(NodeOptions::default())
+    }
+
+    /// Starts a node: sweeps what dead runs left, creates the node namespace and bridge.
+    pub fn start_with(options: NodeOptions) -> anyhow::Result<LocalNode> {
+        anyhow::ensure!(
+            nix::unistd::geteuid().is_root(),
+            "the local node needs root (network namespaces, iptables, cgroups)"
+        );
+        sweep_stale();
+        let bins = binaries::dir()?;
+        for b in [
+            "weft-proxy",
+            "weft-redirector",
+            "weft-sample-app",
+            "weft-pod-exec",
+        ] {
+            binaries::path(b)?;
+        }
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NODE_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let ns = format!("weft-{id}-node");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("weft-{id}-"))
+            .tempdir()
+            .context("node directory")?;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
+        let cgroup = PathBuf::from(CGROUP_ROOT).join(&id);
+        let node = LocalNode {
+            id,
+            ns: ns.clone(),
+            dir,
+            cgroup: cgroup.clone(),
+            bins,
+            ca: Ca::new("weft local node mesh root")?,
+            rogue_ca: Ca::new("rogue root")?,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            options,
+            state: Mutex::new(State {
+                next_pod: 2,
+                next_vip: 10,
+                ..Default::default()
+            }),
+        };
+        // From here on, Drop cleans up whatever was created.
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("create cgroup {}", cgroup.display()))?;
+        network::create_node(&ns)?;
+        tracing::info!(node = %node.id, "local node started");
+        Ok(node)
+    }
+
+    /// The node's network namespace (its "host network").
+    pub fn netns(&self) -> &str {
+        &self.ns
+    }
+
+    /// The node's working directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// PEM of the mesh root.
+    pub fn root_cert_pem(&self) -> &str {
+        &self.ca.cert_pem
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a YAML stream: Services, Pods, Deployments (their replicas become pods),
+    /// PeerAuthentications. Namespaces, ServiceAccounts and ConfigMaps are accepted and
+    /// ignored. Returns the pods started.
+    pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<Vec<PodRef>> {
+        let mut started = Vec::new();
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(yaml).enumerate() {
+            let value = serde_json::Value::deserialize_from(doc)
+                .with_context(|| format!("document {i}: not YAML"))?;
+            if value.is_null() {
+                continue;
+            }
+            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+            match kind.as_str() {
+                "Service" => {
+                    self.create_service(serde_json::from_value(value).context("Service")?)?;
+                }
+                "Pod" => started.push(self.run_pod(serde_json::from_value(value).context("Pod")?)?),
+                "Deployment" => {
+                    let d: Deployment = serde_json::from_value(value).context("Deployment")?;
+                    for pod in fixtures::pods_of(&d)? {
+                        started.push(self.run_pod(pod)?);
+                    }
+                }
+                "PeerAuthentication" => {
+                    self.set_peer_authentication(PeerAuth::from_value(&value)?)?
+                }
+                "Namespace" | "ServiceAccount" | "ConfigMap" => {}
+                other => bail!("document {i}: the local node does not run kind {other:?}"),
+            }
+        }
+        Ok(started)
+    }
+
+    /// Adds a Service and assigns its VIP.
+    pub fn create_service(&self, mut svc: Service) -> anyhow::Result<IpAddr> {
+        let mut st = self.state();
+        if svc.metadata.namespace.is_none() {
+            svc.metadata.namespace = Some("default".into());
+        }
+        let n = st.next_vip;
+        st.next_vip += 1;
+        let (v4, v6) = (IpAddr::V4(Subnet::vip4(n)), IpAddr::V6(Subnet::vip6(n)));
+        let spec = svc.spec.get_or_insert_with(Default::default);
+        spec.cluster_ip = Some(v4.to_string());
+        spec.cluster_ips = Some(vec![v4.to_string(), v6.to_string()]);
+        st.services.push((svc, vec![v4, v6]));
+        let all: Vec<(String, String)> = st
+            .pods
+            .iter()
+            .map(|p| (p.r.netns.clone(), p.r.namespace.clone()))
+            .collect();
+        for (netns, namespace) in all {
+            self.write_hosts(&st, &netns, &namespace, None)?;
+        }
+        self.refresh_configs(&mut st)?;
+        Ok(v4)
+    }
+
+    /// Adds or replaces a PeerAuthentication.
+    pub fn set_peer_authentication(&self, pa: PeerAuth) -> anyhow::Result<()> {
+        let mut st = self.state();
+        st.peer_auths
+            .retain(|p| !(p.namespace == pa.namespace && p.name == pa.name));
+        st.peer_auths.push(pa);
+        self.refresh_configs(&mut st)
+    }
+
+    /// Creates a pod and runs it: network, volumes, init containers in order, native sidecars
+    /// until they are started, containers with their postStart hooks, then waits until every
+    /// readiness probe passes.
+    pub fn run_pod(&self, mut pod: Pod) -> anyhow::Result<PodRef> {
+        let ns = pod
+            .metadata
+            .namespace
+            .get_or_insert_with(|| "default".into())
+            .clone();
+        let name = pod
+            .metadata
+            .name
+            .clone()
+            .context("pod has no metadata.name")?;
+        let spec = pod.spec.as_mut().context("pod has no spec")?;
+        if spec.service_account_name.is_none() {
+            spec.service_account_name = Some("default".into());
+        }
+        spec.node_name = Some(self.ns.clone());
+        let meshed = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .any(|c| self.program(c).is_ok_and(|p| p.ends_with("weft-proxy")));
+        let (n, r, dir, cgroup) = {
+            let mut st = self.state();
+            anyhow::ensure!(
+                !st.pods
+                    .iter()
+                    .any(|p| p.r.namespace == ns && p.r.name == name),
+                "pod {ns}/{name} already exists"
+            );
+            let n = st.next_pod;
+            st.next_pod += 1;
+            let r = PodRef {
+                namespace: ns.clone(),
+                name: name.clone(),
+                ip: Subnet::pod4(n),
+                ip6: Subnet::pod6(n),
+                netns: format!("weft-{}-{n}-{}", self.id, truncate(&name, 24)),
+            };
+            let dir = self.dir.path().join(format!("pod-{n}-{name}"));
+            let cgroup = self.cgroup.join(format!("pod-{n}"));
+            st.pods.push(PodRun {
+                pod: pod.clone(),
+                r: r.clone(),
+                dir: dir.clone(),
+                cgroup: cgroup.clone(),
+                procs: Vec::new(),
+                meshed,
+                running: false,
+            });
+            (n, r, dir, cgroup)
+        };
+        pod.status = Some(PodStatus {
+            pod_ip: Some(r.ip.to_string()),
+            host_ip: Some(Subnet::GATEWAY4.to_string()),
+            phase: Some("Pending".into()),
+            ..Default::default()
+        });
+        self.with_pod(&r, |p| p.pod = pod.clone())?;
+        self.start_pod(n, &r, &pod, &dir, &cgroup, meshed)
+            .with_context(|| format!("pod {ns}/{name}: {}", self.pod_logs_tail(&r)))?;
+        Ok(r)
+    }
+
+    fn start_pod(
+        &self,
+        n: u16,
+        r: &PodRef,
+        pod: &Pod,
+        dir: &Path,
+        cgroup: &Path,
+        meshed: bool,
+    ) -> anyhow::Result<()> {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+        fs::create_dir_all(cgroup)
+            .with_context(|| format!("create cgroup {}", cgroup.display()))?;
+        network::create_pod(&self.ns, &r.netns, n)?;
+        {
+            let st = self.state();
+            self.write_hosts(&st, &r.netns, &r.namespace, Some((r.ip, &r.name)))?;
+        }
+        self.prepare_volumes(pod, dir)?;
+        if meshed {
+            self.write_identity(pod, dir)?;
+            let mut st = self.state();
+            self.refresh_configs(&mut st)?;
+        }
+        let spec = pod.spec.as_ref().context("pod has no spec")?;
+        for c in spec.init_containers.iter().flatten() {
+            let sidecar = c.restart_policy.as_deref() == Some("Always");
+            let child = self.spawn_container(r, pod, c, dir, cgroup, &[])?;
+            if sidecar {
+                self.add_proc(r, c, Role::Sidecar, child)?;
+                if let Some(probe) = &c.startup_probe {
+                    self.wait_probe(r, &c.name, probe, Duration::from_secs(30))?;
+                }
+            } else {
+                let status = wait_child(child, Duration::from_secs(60))
+                    .with_context(|| format!("init container {}", c.name))?;
+                if !status.success() {
+                    bail!(
+                        "init container {} failed ({status}): {}",
+                        c.name,
+                        self.container_log(dir, &c.name)
+                    );
+                }
+            }
+        }
+        for c in &spec.containers {
+            let child = self.spawn_container(r, pod, c, dir, cgroup, &[])?;
+            self.add_proc(r, c, Role::Main, child)?;
+            if let Some(exec) = c
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.post_start.as_ref())
+                .and_then(|h| h.exec.as_ref())
+            {
+                let argv: Vec<String> = exec.command.clone().unwrap_or_default();
+                let spec = self.exec_spec(r, pod, c, dir, cgroup, Some(argv))?;
+                let out = run_exec(&self.bins, &spec, Duration::from_secs(120))?;
+                if !out.status.success() {
+                    bail!(
+                        "postStart hook of {} failed: {}",
+                        c.name,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        }
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+        {
+            if let Some(probe) = &c.readiness_probe {
+                self.wait_probe(r, &c.name, probe, Duration::from_secs(30))?;
+            }
+        }
+        let mut st = self.state();
+        if let Some(p) = st.pods.iter_mut().find(|p| p.r == *r) {
+            p.running = true;
+            if let Some(s) = p.pod.status.as_mut() {
+                s.phase = Some("Running".into());
+            }
+        }
+        self.refresh_configs(&mut st)?;
+        drop(st);
+        self.wait_config_applied(Duration::from_secs(15))?;
+        tracing::info!(pod = %r.name, ip = %r.ip, "pod running");
+        Ok(())
+    }
+
+    fn add_proc(&self, r: &PodRef, c: &Container, role: Role, child: Child) -> anyhow::Result<()> {
+        self.with_pod(r, |p| {
+            p.procs.push(Proc {
+                container: c.name.clone(),
+                role,
+                child,
+                exited: None,
+            })
+        })
+    }
+
+    fn with_pod<T>(&self, r: &PodRef, f: impl FnOnce(&mut PodRun) -> T) -> anyhow::Result<T> {
+        let mut st = self.state();
+        let p = st
+            .pods
+            .iter_mut()
+            .find(|p| p.r.namespace == r.namespace && p.r.name == r.name)
+            .with_context(|| format!("no pod {}/{}", r.namespace, r.name))?;
+        Ok(f(p))
+    }
+
+    /// Finds a running pod by namespace and name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<PodRef> {
+        self.state()
+            .pods
+            .iter()
+            .find(|p| p.r.namespace == namespace && p.r.name == name)
+            .map(|p| p.r.clone())
+    }
+
+    /// The program a container runs: a Weft binary by command or image name, or an absolute
+    /// path.
+    fn program(&self, c: &Container) -> anyhow::Result<PathBuf> {
+        let cmd = c.command.as_ref().and_then(|v| v.first()).cloned();
+        let name = match &cmd {
+            Some(cmd) => Path::new(cmd)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            None => {
+                let image = c.image.clone().unwrap_or_default();
+                let repo = image.rsplit('/').next().unwrap_or_default();
+                repo.split([':', '@']).next().unwrap_or_default().to_owned()
+            }
+        };
+        if let Some(known) = KNOWN_BINARIES
+            .iter()
+            .find(|b| name == **b || (name == "sample-app" && **b == "weft-sample-app"))
+        {
+            return binaries::path(known);
+        }
+        match cmd {
+            Some(cmd) if Path::new(&cmd).is_absolute() && Path::new(&cmd).exists() => {
+                Ok(PathBuf::from(cmd))
+            }
+            _ => bail!(
+                "container {}: the local node has no binary for image {:?} / command {:?}",
+                c.name,
+                c.image,
+                c.command
+            ),
+        }
+    }
+
+    fn exec_spec(
+        &self,
+        r: &PodRef,
+        pod: &Pod,
+        c: &Container,
+        dir: &Path,
+        cgroup: &Path,
+        argv_override: Option<Vec<String>>,
+    ) -> anyhow::Result<ExecSpec> {
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), PATH.into()),
+            ("HOME".into(), "/".into()),
+            ("HOSTNAME".into(), r.name.clone()),
+        ];
+        for e in c.env.iter().flatten() {
+            let value = match (&e.value, &e.value_from) {
+                (Some(v), _) => expand(v, &env),
+                (None, Some(from)) => match &from.field_ref {
+                    Some(f) => field_ref(pod, &f.field_path),
+                    None => String::new(),
+                },
+                (None, None) => String::new(),
+            };
+            env.retain(|(k, _)| k != &e.name);
+            env.push((e.name.clone(), value));
+        }
+        let is_proxy = self.program(c).is_ok_and(|p| p.ends_with("weft-proxy"));
+        let mut argv: Vec<String> = match argv_override {
+            Some(a) => {
+                let mut a = a;
+                if let Some(first) = a.first_mut()
+                    && let Some(known) = KNOWN_BINARIES.iter().find(|b| first.ends_with(*b))
+                {
+                    *first = binaries::path(known)?.display().to_string();
+                }
+                a
+            }
+            None => {
+                let mut a = vec![self.program(c)?.display().to_string()];
+                a.extend(c.command.iter().flatten().skip(1).map(|s| expand(s, &env)));
+                a.extend(c.args.iter().flatten().map(|s| expand(s, &env)));
+                a
+            }
+        };
+        if is_proxy && argv.len() >= 1 && !argv.iter().any(|a| a == "wait") {
+            // Static config source of the local node (replaced by the control plane stream).
+            argv.push(format!(
+                "--config={}",
+                dir.join("weft/config.yaml").display()
+            ));
+            env.push((
+                "WEFT_CONFIG_POLL_INTERVAL".into(),
+                format!("{}ms", self.options.config_poll.as_millis()),
+            ));
+            env.extend(self.options.proxy_env.iter().cloned());
+        }
+        let sc = c.security_context.as_ref();
+        let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+        let uid = sc
+            .and_then(|s| s.run_as_user)
+            .or(psc.and_then(|s| s.run_as_user))
+            .unwrap_or(0);
+        let gid = sc
+            .and_then(|s| s.run_as_group)
+            .or(psc.and_then(|s| s.run_as_group))
+            .unwrap_or(uid);
+        let mut mounts = Vec::new();
+        let mut private_dirs = HashSet::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let source = dir.join("volumes").join(&m.name);
+            anyhow::ensure!(
+                source.exists(),
+                "container {}: no volume {:?}",
+                c.name,
+                m.name
+            );
+            let target = PathBuf::from(&m.mount_path);
+            let resolved = m.mount_path.replacen("/var/run/", "/run/", 1);
+            if resolved.starts_with("/run/") {
+                if !Path::new(&resolved).exists() {
+                    private_dirs.insert(PathBuf::from("/run"));
+                }
+            } else if !target.exists() {
+                bail!(
+                    "container {}: mount path {} does not exist on this host (the local node creates mount points only under /run)",
+                    c.name,
+                    m.mount_path
+                );
+            }
+            let source = match &m.sub_path {
+                Some(sp) if !sp.is_empty() => source.join(sp),
+                _ => source,
+            };
+            mounts.push(BindMount {
+                source,
+                target: PathBuf::from(resolved),
+                read_only: m.read_only.unwrap_or(false),
+            });
+        }
+        Ok(ExecSpec {
+            netns: PathBuf::from(network::netns_path(&r.netns)),
+            hosts_file: Some(hosts_path(&r.netns)),
+            private_dirs: private_dirs.into_iter().collect(),
+            mounts,
+            cgroup: Some(cgroup.to_path_buf()),
+            uid: u32::try_from(uid).unwrap_or(0),
+            gid: u32::try_from(gid).unwrap_or(0),
+            workdir: c.working_dir.as_ref().map(PathBuf::from),
+            argv,
+            env,
+        })
+    }
+
+    fn spawn_container(
+        &self,
+        r: &PodRef,
+        pod: &Pod,
+        c: &Container,
+        dir: &Path,
+        cgroup: &Path,
+        extra_args: &[String],
+    ) -> anyhow::Result<Child> {
+        let mut spec = self.exec_spec(r, pod, c, dir, cgroup, None)?;
+        spec.argv.extend(extra_args.iter().cloned());
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{}.log", c.name)))?;
+        let child = Command::new(self.bins.join("weft-pod-exec"))
+            .env_clear()
+            .env(SPEC_ENV, serde_json::to_string(&spec)?)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start container {}", c.name))?;
+        tracing::debug!(pod = %r.name, container = %c.name, pid = child.id(), "container started");
+        Ok(child)
+    }
+
+    /// Runs a command in a pod, like `kubectl exec`: the named container's (default: the
+    /// first regular container's) user, environment and volumes.
+    pub fn exec(
+        &self,
+        r: &PodRef,
+        container: Option<&str>,
+        argv: &[&str],
+    ) -> anyhow::Result<Output> {
+        let spec = self.exec_spec_for(r, container, argv)?;
+        run_exec(&self.bins, &spec, Duration::from_secs(300))
+    }
+
+    /// Like [`LocalNode::exec`], parsing stdout as JSON; fails with stderr when it is not.
+    pub fn exec_json<T: serde::de::DeserializeOwned>(
+        &self,
+        r: &PodRef,
+        argv: &[&str],
+    ) -> anyhow::Result<T> {
+        let out = self.exec(r, None, argv)?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{argv:?} in {}: exit {}, stdout {:?}, stderr {:?}",
+                r.name,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Starts a command in a pod without waiting (collect it with [`Background::wait`]).
+    pub fn spawn_exec(&self, r: &PodRef, argv: &[&str]) -> anyhow::Result<Background> {
+        let spec = self.exec_spec_for(r, None, argv)?;
+        let child = Command::new(self.bins.join("weft-pod-exec"))
+            .env_clear()
+            .env(SPEC_ENV, serde_json::to_string(&spec)?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        Ok(Background { child: Some(child) })
+    }
+
+    fn exec_spec_for(
+        &self,
+        r: &PodRef,
+        container: Option<&str>,
+        argv: &[&str],
+    ) -> anyhow::Result<ExecSpec> {
+        let (pod, dir, cgroup) =
+            self.with_pod(r, |p| (p.pod.clone(), p.dir.clone(), p.cgroup.clone()))?;
+        let spec = pod.spec.as_ref().context("pod has no spec")?;
+        let c = match container {
+            Some(name) => spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .find(|c| c.name == name)
+                .with_context(|| format!("no container {name} in {}", r.name))?,
+            None => spec
+                .containers
+                .iter()
+                .find(|c| !self.program(c).is_ok_and(|p| p.ends_with("weft-proxy")))
+                .or(spec.containers.first())
+                .context("pod has no container")?,
+        };
+        self.exec_spec(
+            r,
+            &pod,
+            c,
+            &dir,
+            &cgroup,
+            Some(argv.iter().map(|s| s.to_string()).collect()),
+        )
+    }
+
+    /// Sends a signal to a container's process.
+    pub fn signal(&self, r: &PodRef, container: &str, sig: Signal) -> anyhow::Result<()> {
+        let pid = self.with_pod(r, |p| {
+            p.procs
+                .iter()
+                .find(|c| c.container == container && c.exited.is_none())
+                .map(|c| c.child.id())
+        })?;
+        let pid = pid.with_context(|| format!("no running container {container} in {}", r.name))?;
+        kill(Pid::from_raw(i32::try_from(pid)?), sig)?;
+        Ok(())
+    }
+
+    /// Waits for a container's process to exit.
+    pub fn wait_exit(
+        &self,
+        r: &PodRef,
+        container: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.with_pod(r, |p| {
+                p.procs
+                    .iter_mut()
+                    .find(|c| c.container == container)
+                    .map(|c| {
+                        if c.exited.is_none() {
+                            c.exited = c.child.try_wait().ok().flatten();
+                        }
+                        c.exited
+                    })
+            })?;
+            match status {
+                None => bail!("no container {container} in {}", r.name),
+                Some(Some(s)) => return Ok(s),
+                Some(None) if Instant::now() > deadline => {
+                    bail!(
+                        "container {container} of {} still running after {timeout:?}",
+                        r.name
+                    )
+                }
+                Some(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// A container's log.
+    pub fn logs(&self, r: &PodRef, container: &str) -> String {
+        self.with_pod(r, |p| self.container_log(&p.dir, container))
+            .unwrap_or_default()
+    }
+
+    fn container_log(&self, dir: &Path, container: &str) -> String {
+        fs::read_to_string(dir.join(format!("{container}.log"))).unwrap_or_default()
+    }
+
+    fn pod_logs_tail(&self, r: &PodRef) -> String {
+        let Ok(dir) = self.with_pod(r, |p| p.dir.clone()) else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                out.push_str(&format!(
+                    "\n--- {} ---\n{}",
+                    path.file_name().unwrap_or_default().to_string_lossy(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+        }
+        out
+    }
+
+    /// Deletes a pod the way the kubelet does: regular containers get SIGTERM first, native
+    /// sidecars after them; whatever is left after `grace` is killed.
+    pub fn delete_pod(&self, r: &PodRef, grace: Duration) -> anyhow::Result<()> {
+        let run = {
+            let mut st = self.state();
+            let i = st
+                .pods
+                .iter()
+                .position(|p| p.r == *r)
+                .with_context(|| format!("no pod {}", r.name))?;
+            let run = st.pods.remove(i);
+            self.refresh_configs(&mut st)?;
+            run
+        };
+        teardown_pod(run, grace);
+        Ok(())
+    }
+
+    fn write_hosts(
+        &self,
+        st: &State,
+        netns: &str,
+        namespace: &str,
+        me: Option<(Ipv4Addr, &str)>,
+    ) -> anyhow::Result<()> {
+        let path = hosts_path(netns);
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost\n");
+        match me {
+            Some((ip, name)) => text.push_str(&format!("{ip} {name}\n")),
+            None => {
+                if let Ok(old) = fs::read_to_string(&path)
+                    && let Some(line) = old.lines().nth(2)
+                {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        for (svc, vips) in &st.services {
+            let name = svc.metadata.name.clone().unwrap_or_default();
+            let ns = svc.metadata.namespace.clone().unwrap_or_default();
+            let mut names = vec![
+                format!("{name}.{ns}"),
+                format!("{name}.{ns}.svc"),
+                format!("{name}.{ns}.svc.cluster.local"),
+            ];
+            if ns == namespace {
+                names.insert(0, name.clone());
+            }
+            for vip in vips {
+                text.push_str(&format!("{vip} {}\n", names.join(" ")));
+            }
+        }
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text)?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    fn prepare_volumes(&self, pod: &Pod, dir: &Path) -> anyhow::Result<()> {
+        let root = dir.join("volumes");
+        fs::create_dir_all(&root)?;
+        for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+            let path = root.join(&v.name);
+            fs::create_dir_all(&path)?;
+            // Any container user may write (emptyDir semantics without fsGroup).
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o1777))?;
+            if let Some(cm) = &v.config_map
+                && cm.name == "weft-ca-root-cert"
+            {
+                write_file(&path.join("root-cert.pem"), &self.ca.cert_pem, 0o644)?;
+            }
+            if let Some(projected) = &v.projected {
+                for source in projected.sources.iter().flatten() {
+                    if let Some(t) = &source.service_account_token {
+                        // Until the control plane's CA verifies tokens, a marker token names the
+                        // pod's service account.
+                        let token = format!(
+                            "local-node-token:{}",
+                            mesh::pod_identity(pod, &self.trust_domain)
+                        );
+                        write_file(&path.join(&t.path), &token, 0o644)?;
+                    }
+                    if let Some(cm) = &source.config_map
+                        && cm.name == "weft-ca-root-cert"
+                    {
+                        write_file(&path.join("root-cert.pem"), &self.ca.cert_pem, 0o644)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_identity(&self, pod: &Pod, dir: &Path) -> anyhow::Result<()> {
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let id = annotations
+            .get(ANNOTATION_IDENTITY)
+            .cloned()
+            .unwrap_or_else(|| mesh::pod_identity(pod, &self.trust_domain));
+        let ca = match annotations.get(ANNOTATION_CA).map(String::as_str) {
+            Some("rogue") => &self.rogue_ca,
+            _ => &self.ca,
+        };
+        let issued = ca.issue(&id)?;
+        let certs = dir.join("weft");
+        fs::create_dir_all(&certs)?;
+        fs::set_permissions(&certs, fs::Permissions::from_mode(0o755))?;
+        write_file(&certs.join("cert-chain.pem"), &issued.cert_pem, 0o644)?;
+        write_file(&certs.join("key.pem"), &issued.key_pem, 0o600)?;
+        nix::unistd::chown(
+            &certs.join("key.pem"),
+            Some(nix::unistd::Uid::from_raw(weft_api::bootstrap::PROXY_UID)),
+            Some(nix::unistd::Gid::from_raw(weft_api::bootstrap::PROXY_UID)),
+        )?;
+        write_file(&certs.join("root-cert.pem"), &self.ca.cert_pem, 0o644)?;
+        Ok(())
+    }
+
+    /// Rewrites every meshed pod's config file with a new version.
+    fn refresh_configs(&self, st: &mut State) -> anyhow::Result<()> {
+        st.version += 1;
+        let views: Vec<PodView<'_>> = st
+            .pods
+            .iter()
+            .filter(|p| p.running || p.meshed)
+            .map(|p| PodView {
+                pod: &p.pod,
+                ip: IpAddr::V4(p.r.ip),
+                meshed: p.meshed,
+                identity: p
+                    .pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_IDENTITY).cloned()),
+            })
+            .collect();
+        let running: Vec<PodView<'_>> = views
+            .iter()
+            .filter(|v| {
+                st.pods
+                    .iter()
+                    .any(|p| std::ptr::eq(&p.pod, v.pod) && p.running)
+            })
+            .map(|v| PodView {
+                pod: v.pod,
+                ip: v.ip,
+                meshed: v.meshed,
+                identity: v.identity.clone(),
+            })
+            .collect();
+        let inputs = mesh::Inputs {
+            services: &st.services,
+            pods: &running,
+            peer_auths: &st.peer_auths,
+            trust_domain: &self.trust_domain,
+            version: st.version,
+            detect_timeout_ms: u64::try_from(self.options.detect_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+        };
+        for (p, view) in st.pods.iter().zip(views.iter()).filter(|(p, _)| p.meshed) {
+            let certs = p.dir.join("weft");
+            let identity = IdentityFiles {
+                cert_chain: certs.join("cert-chain.pem").display().to_string(),
+                private_key: certs.join("key.pem").display().to_string(),
+                root_cert: certs.join("root-cert.pem").display().to_string(),
+            };
+            let snapshot = mesh::snapshot(&inputs, view, identity);
+            fs::create_dir_all(&certs)?;
+            write_file(
+                &certs.join("config.yaml"),
+                &serde_yaml_ng::to_string(&snapshot)?,
+                0o644,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every meshed, started proxy reports the latest config version.
+    pub fn wait_config_applied(&self, timeout: Duration) -> anyhow::Result<()> {
+        let (version, pods) = {
+            let st = self.state();
+            let pods: Vec<PodRef> = st
+                .pods
+                .iter()
+                .filter(|p| p.meshed && p.procs.iter().any(|c| c.exited.is_none()))
+                .map(|p| p.r.clone())
+                .collect();
+            (st.version, pods)
+        };
+        let deadline = Instant::now() + timeout;
+        for r in pods {
+            loop {
+                let seen = self
+                    .http_get(
+                        IpAddr::V4(r.ip),
+                        weft_api::bootstrap::PORT_READINESS,
+                        "/healthz/ready",
+                    )
+                    .ok()
+                    .and_then(|(_, headers)| headers.get("x-weft-config-version").cloned())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if seen.is_some_and(|v| v >= version) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "proxy of {} did not apply config version {version} (it has {seen:?})",
+                        r.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_probe(
+        &self,
+        r: &PodRef,
+        container: &str,
+        probe: &Probe,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("not run");
+        while Instant::now() < deadline {
+            match self.run_probe(r, probe) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = format!("{e:#}"),
+            }
+            let exited = self.with_pod(r, |p| {
+                p.procs
+                    .iter_mut()
+                    .find(|c| c.container == container)
+                    .and_then(|c| c.child.try_wait().ok().flatten())
+            })?;
+            if let Some(status) = exited {
+                bail!("container {container} exited ({status}) before it was ready");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("container {container} not ready after {timeout:?}: {last}")
+    }
+
+    /// Runs a probe the way the kubelet does, from the node's network.
+    fn run_probe(&self, r: &PodRef, probe: &Probe) -> anyhow::Result<()> {
+        let port_of = |p: &IntOrString| -> anyhow::Result<u16> {
+            match p {
+                IntOrString::Int(i) => Ok(u16::try_from(*i)?),
+                IntOrString::String(name) => {
+                    let pod = self.with_pod(r, |p| p.pod.clone())?;
+                    pod.spec
+                        .iter()
+                        .flat_map(|s| s.containers.iter())
+                        .flat_map(|c| c.ports.iter().flatten())
+                        .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                        .map(|cp| u16::try_from(cp.container_port))
+                        .transpose()?
+                        .with_context(|| format!("no container port named {name}"))
+                }
+            }
+        };
+        if let Some(h) = &probe.http_get {
+            let port = port_of(&h.port)?;
+            let (status, _) =
+                self.http_get(IpAddr::V4(r.ip), port, h.path.as_deref().unwrap_or("/"))?;
+            anyhow::ensure!((200..400).contains(&status), "HTTP probe returned {status}");
+            return Ok(());
+        }
+        if let Some(t) = &probe.tcp_socket {
+            let port = port_of(&t.port)?;
+            let addr = SocketAddr::new(IpAddr::V4(r.ip), port);
+            network::in_netns(&self.ns, move || {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            })??;
+            return Ok(());
+        }
+        if let Some(e) = &probe.exec {
+            let argv: Vec<String> = e.command.clone().unwrap_or_default();
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = self.exec(r, None, &argv)?;
+            anyhow::ensure!(out.status.success(), "exec probe failed");
+            return Ok(());
+        }
+        bail!("unsupported probe")
+    }
+
+    /// `GET http://ip:port/path` from the node's network: status and lower-case headers.
+    pub fn http_get(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        path: &str,
+    ) -> anyhow::Result<(u16, BTreeMap<String, String>)> {
+        let addr = SocketAddr::new(ip, port);
+        let mut s = network::in_netns(&self.ns, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        })??;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let mut lines = resp.lines();
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .context("no HTTP status line")?;
+        let headers = lines
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Ok((status, headers))
+    }
+
+    /// Starts a packet capture on the node bridge (all pod-to-pod traffic).
+    pub fn capture(&self) -> anyhow::Result<Capture> {
+        let file = self.dir.path().join(format!(
+            "capture-{}.pcap",
+            NODE_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "tcpdump",
+                "-i",
+                network::BRIDGE,
+                "-U",
+                "-s",
+                "0",
+                "-Z",
+                "root",
+                "-w",
+            ])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start tcpdump (Debian package tcpdump)")?;
+        // tcpdump says "listening on" once the capture is armed.
+        let mut stderr = child.stderr.take().context("tcpdump stderr")?;
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("listening on") {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "tcpdump did not start: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            let n = stderr.read(&mut buf)?;
+            anyhow::ensure!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Ok(Capture {
+            child,
+            file,
+            _stderr: stderr,
+        })
+    }
+}
+
+/// A command running in a pod.
+#[derive(Debug)]
+pub struct Background {
+    child: Option<Child>,
+}
+
+impl Background {
+    /// Waits for the command and returns its output.
+    pub fn wait(mut self) -> anyhow::Result<Output> {
+        let child = self.child.take().context("already waited")?;
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Waits and parses stdout as JSON.
+    pub fn wait_json<T: serde::de::DeserializeOwned>(self) -> anyhow::Result<T> {
+        let out = self.wait()?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "exit {}, stdout {:?}, stderr {:?}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running packet capture.
+#[derive(Debug)]
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+    _stderr: std::process::ChildStderr,
+}
+
+impl Capture {
+    /// Stops the capture and returns the pcap bytes.
+    pub fn finish(mut self) -> anyhow::Result<Vec<u8>> {
+        // Let the last packets reach the file.
+        std::thread::sleep(Duration::from_millis(200));
+        kill(
+            Pid::from_raw(i32::try_from(self.child.id())?),
+            Signal::SIGINT,
+        )?;
+        let _ = self.child.wait();
+        Ok(fs::read(&self.file)?)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        let pods = std::mem::take(&mut self.state().pods);
+        for run in pods {
+            teardown_pod(run, Duration::from_secs(2));
+        }
+        network::delete_netns(&self.ns);
+        remove_cgroup(&self.cgroup);
+        tracing::info!(node = %self.id, "local node removed");
+    }
+}
+
+fn teardown_pod(mut run: PodRun, grace: Duration) {
+    let term = |procs: &mut Vec<Proc>, pick: &dyn Fn(&Role) -> bool| {
+        for p in procs
+            .iter_mut()
+            .filter(|p| pick(&p.role) && p.exited.is_none())
+        {
+            if let Ok(pid) = i32::try_from(p.child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for p in procs
+            .iter_mut()
+            .filter(|p| pick(&p.role) && p.exited.is_none())
+        {
+            loop {
+                if let Ok(Some(s)) = p.child.try_wait() {
+                    p.exited = Some(s);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = p.child.kill();
+                    p.exited = p.child.wait().ok();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    term(&mut run.procs, &|r| matches!(r, Role::Main));
+    term(&mut run.procs, &|r| matches!(r, Role::Sidecar));
+    remove_cgroup(&run.cgroup);
+    network::delete_netns(&run.r.netns);
+    let _ = fs::remove_dir_all(
+        hosts_path(&run.r.netns)
+            .parent()
+            .unwrap_or(Path::new("/nonexistent")),
+    );
+}
+
+/// Kills whatever is left in a cgroup subtree and removes it.
+fn remove_cgroup(cg: &Path) {
+    if !cg.exists() {
+        return;
+    }
+    let _ = fs::write(cg.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut dirs = Vec::new();
+        collect_dirs(cg, &mut dirs);
+        // Deepest first.
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        let mut all = true;
+        for d in dirs {
+            if fs::remove_dir(&d).is_err() && d.exists() {
+                all = false;
+            }
+        }
+        if all || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_path_buf());
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_dirs(&e.path(), out);
+        }
+    }
+}
+
+/// Removes namespaces, hosts files and cgroups of local nodes whose process is gone.
+fn sweep_stale() {
+    let dead = |name: &str| -> bool {
+        name.strip_prefix("weft-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    for ns in network::list_netns() {
+        if dead(&ns) {
+            tracing::info!(netns = %ns, "removing namespace of a dead local node");
+            network::delete_netns(&ns);
+            let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&ns));
+        }
+    }
+    for e in fs::read_dir("/etc/netns").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if dead(&name) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    for e in fs::read_dir(CGROUP_ROOT).into_iter().flatten().flatten() {
+        let name = format!("weft-{}", e.file_name().to_string_lossy());
+        if dead(&name) {
+            remove_cgroup(&e.path());
+        }
+    }
+}
+
+fn hosts_path(netns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(netns).join("hosts")
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn wait_child(mut child: Child, timeout: Duration) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run_exec(bins: &Path, spec: &ExecSpec, timeout: Duration) -> anyhow::Result<Output> {
+    let child = Command::new(bins.join("weft-pod-exec"))
+        .env_clear()
+        .env(SPEC_ENV, serde_json::to_string(spec)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            bail!("{:?} did not finish within {timeout:?}", spec.argv)
+        }
+    }
+}
+
+/// Kubernetes' `$(VAR)` expansion in command, args and env values.
+fn expand(s: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("$(") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        match after.find(')') {
+            Some(j) => {
+                let name = &after[..j];
+                match env.iter().rev().find(|(k, _)| k == name) {
+                    Some((_, v)) => out.push_str(v),
+                    None => {
+                        out.push_str("$(");
+                        out.push_str(name);
+                        out.push(')');
+                    }
+                }
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push_str(&rest[i..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The downward API.
+fn field_ref(pod: &Pod, path: &str) -> String {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let bracket = |prefix: &str, map: &Option<BTreeMap<String, String>>| -> Option<String> {
+        let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
+        map.as_ref()?.get(key).cloned()
+    };
+    match path {
+        "metadata.name" => meta.name.clone(),
+        "metadata.namespace" => meta.namespace.clone(),
+        "metadata.uid" => meta.uid.clone().or_else(|| meta.name.clone()),
+        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()),
+        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()),
+        "status.podIP" => status.and_then(|s| s.pod_ip.clone()),
+        "status.podIPs" => status.and_then(|s| s.pod_ip.clone()),
+        "status.hostIP" => status.and_then(|s| s.host_ip.clone()),
+        p if p.starts_with("metadata.labels['") => bracket("metadata.labels['", &meta.labels),
+        p if p.starts_with("metadata.annotations['") => {
+            bracket("metadata.annotations['", &meta.annotations)
+        }
+        _ => None,
+    }
+    .unwrap_or_default()
+}
+
+trait DeserializeFrom: Sized {
+    fn deserialize_from(d: serde_yaml_ng::Deserializer<'_>) -> Result<Self, serde_yaml_ng::Error>;
+}
+
+impl DeserializeFrom for serde_json::Value {
+    fn deserialize_from(d: serde_yaml_ng::Deserializer<'_>) -> Result<Self, serde_yaml_ng::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollar_expansion() {
+        let env = vec![("A".to_string(), "1".to_string())];
+        assert_eq!(expand("x$(A)y$(B)$(", &env), "x1y$(B)$(");
+    }
+
+    #[test]
+    fn downward_api() {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("p".into());
+        pod.metadata.labels = Some([("app".to_string(), "b".to_string())].into());
+        pod.status = Some(PodStatus {
+            pod_ip: Some("10.44.0.2".into()),
+            ..Default::default()
+        });
+        assert_eq!(field_ref(&pod, "metadata.name"), "p");
+        assert_eq!(field_ref(&pod, "status.podIP"), "10.44.0.2");
+        assert_eq!(field_ref(&pod, "metadata.labels['app']"), "b");
+        assert_eq!(field_ref(&pod, "metadata.labels['x']"), "");
+    }
+}

@@ -1,0 +1,213 @@
+//! Objects the tests, the demo and the benchmarks build pods from.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, HTTPGetAction, Pod, PodSpec, Probe, SecurityContext, Service,
+    ServicePort, ServiceSpec, TCPSocketAction,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use weft_api::bootstrap::{PORT_READINESS, PROXY_UID};
+use weft_api::redirect::InitArgs;
+
+/// A Service `name` in `namespace` selecting `app=<name>`, with `(port, port name)` pairs
+/// (the port name declares the protocol, Istio style: `http`, `grpc`, `tcp-echo`, …).
+pub fn service(namespace: &str, name: &str, ports: &[(u16, &str)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some([("app".to_string(), name.to_string())].into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(port, pname)| ServicePort {
+                        name: Some((*pname).into()),
+                        port: i32::from(*port),
+                        target_port: Some(IntOrString::Int(i32::from(*port))),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A pod running `weft-sample-app serve <serve_args>` as its only container (uid 1000), in
+/// service account `sa`, labelled `app=<app>`. The first `--http` port, if any, gets a
+/// readiness probe on `/healthz`.
+pub fn app_pod(namespace: &str, name: &str, app: &str, sa: &str, serve_args: &[&str]) -> Pod {
+    let mut args: Vec<String> = vec!["serve".into()];
+    args.extend(serve_args.iter().map(|s| s.to_string()));
+    let http_port = serve_args
+        .windows(2)
+        .find(|w| w[0] == "--http")
+        .and_then(|w| w[1].parse::<i32>().ok());
+    let ports: Vec<i32> = serve_args
+        .windows(2)
+        .filter(|w| w[0].starts_with("--"))
+        .filter_map(|w| w[1].parse::<i32>().ok())
+        .collect();
+    let readiness = match http_port {
+        Some(port) => Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(port),
+                ..Default::default()
+            }),
+            period_seconds: Some(1),
+            ..Default::default()
+        },
+        None => Probe {
+            tcp_socket: ports.first().map(|p| TCPSocketAction {
+                port: IntOrString::Int(*p),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some([("app".to_string(), app.to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            service_account_name: Some(sa.into()),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("ghcr.io/weft-mesh/sample-app:dev".into()),
+                command: Some(vec!["weft-sample-app".into()]),
+                args: Some(args),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|p| ContainerPort {
+                            container_port: *p,
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                readiness_probe: (!ports.is_empty()).then_some(readiness),
+                security_context: Some(SecurityContext {
+                    run_as_user: Some(1000),
+                    run_as_group: Some(1000),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A client-only pod (`sleep`-like): the sample app serving a health port only.
+pub fn client_pod(namespace: &str, name: &str, sa: &str) -> Pod {
+    app_pod(namespace, name, name, sa, &["--http", "8081"])
+}
+
+/// Adds what the injector adds, in its native-sidecar form: `weft-init` running
+/// `weft-redirector init` with Istio's defaults, and `weft-proxy` as a restartable init
+/// container (UID/GID 1337) whose startup probe orders it before the app. For tests of the
+/// data plane that do not go through the webhook.
+pub fn manual_inject(mut pod: Pod) -> Pod {
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    let mut init_args = vec!["init".to_string()];
+    init_args.extend(InitArgs::default().to_args());
+    let ready = Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/healthz/ready".into()),
+            port: IntOrString::Int(i32::from(PORT_READINESS)),
+            ..Default::default()
+        }),
+        period_seconds: Some(1),
+        failure_threshold: Some(600),
+        ..Default::default()
+    };
+    let env = |name: &str, field: &str| k8s_openapi::api::core::v1::EnvVar {
+        name: name.into(),
+        value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+            field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                field_path: field.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let proxy = Container {
+        name: "weft-proxy".into(),
+        image: Some("ghcr.io/weft-mesh/weft-proxy:dev".into()),
+        command: Some(vec!["weft-proxy".into()]),
+        restart_policy: Some("Always".into()),
+        env: Some(vec![
+            env("POD_NAME", "metadata.name"),
+            env("POD_NAMESPACE", "metadata.namespace"),
+            env("INSTANCE_IP", "status.podIP"),
+            env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ]),
+        startup_probe: Some(ready.clone()),
+        readiness_probe: Some(ready),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(i64::from(PROXY_UID)),
+            run_as_group: Some(i64::from(PROXY_UID)),
+            run_as_non_root: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let init = Container {
+        name: "weft-init".into(),
+        image: Some("ghcr.io/weft-mesh/weft-redirector:dev".into()),
+        command: Some(vec!["weft-redirector".into()]),
+        args: Some(init_args),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let inits = spec.init_containers.get_or_insert_with(Vec::new);
+    inits.insert(0, proxy);
+    inits.insert(0, init);
+    pod.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert("security.istio.io/tlsMode".into(), "istio".into());
+    pod
+}
+
+/// The pods a Deployment's ReplicaSet would create: `<name>-<n>` from the template.
+pub fn pods_of(d: &Deployment) -> anyhow::Result<Vec<Pod>> {
+    let name = d.metadata.name.clone().context("Deployment has no name")?;
+    let spec = &d.spec;
+    let replicas = spec.replicas.unwrap_or(1).max(0);
+    let template = &spec.template;
+    (0..replicas)
+        .map(|i| {
+            let mut meta = template.metadata.clone().unwrap_or_default();
+            meta.name = Some(format!("{name}-{i}"));
+            meta.namespace = d.metadata.namespace.clone();
+            Ok(Pod {
+                metadata: meta,
+                spec: Some(
+                    template
+                        .spec
+                        .clone()
+                        .context("Deployment template has no spec")?,
+                ),
+                status: None,
+            })
+        })
+        .collect()
+}
