@@ -52,8 +52,10 @@ pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, client: SocketAddr) {
             return;
         }
     };
-    if dst.port() == proxy.settings.ports.inbound {
-        warn!(%client, %dst, "connection to the inbound listener itself refused (loop)");
+    if proxy.settings.ports.all().contains(&dst.port()) {
+        // Inbound delivers to localhost: without this, the admin port (localhost only)
+        // would be reachable from outside the pod through the capture.
+        warn!(%client, %dst, "inbound connection to a port of the proxy itself refused");
         proxy.metrics.connection(
             Direction::Inbound,
             Proto::Unknown,

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -43,7 +44,8 @@ use network::Subnet;
 /// Root of the local nodes' cgroups.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/weft";
 /// Pod annotation (local node only): issue the proxy a certificate for this SPIFFE ID instead
-/// of its service account's.
+/// of its service account's. The mesh config still expects the service account's identity,
+/// so peers must refuse this pod: the tests of wrong identities use it.
 pub const ANNOTATION_IDENTITY: &str = "localnode.weft.dev/identity";
 /// Pod annotation (local node only): `rogue` issues the proxy's certificate from a CA the
 /// mesh does not trust.
@@ -944,12 +946,6 @@ impl LocalNode {
                 pod: &p.pod,
                 ip: IpAddr::V4(p.r.ip),
                 meshed: p.meshed,
-                identity: p
-                    .pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_IDENTITY).cloned()),
             })
             .collect();
         let running: Vec<PodView<'_>> = views
@@ -963,7 +959,6 @@ impl LocalNode {
                 pod: v.pod,
                 ip: v.ip,
                 meshed: v.meshed,
-                identity: v.identity.clone(),
             })
             .collect();
         let inputs = mesh::Inputs {
@@ -1110,6 +1105,16 @@ impl LocalNode {
         port: u16,
         path: &str,
     ) -> anyhow::Result<(u16, BTreeMap<String, String>)> {
+        self.http_get_body(ip, port, path).map(|(s, h, _)| (s, h))
+    }
+
+    /// `GET http://ip:port/path` from the node's network: status, headers and body.
+    pub fn http_get_body(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        path: &str,
+    ) -> anyhow::Result<(u16, BTreeMap<String, String>, String)> {
         let addr = SocketAddr::new(ip, port);
         let mut s = network::in_netns(&self.ns, move || {
             TcpStream::connect_timeout(&addr, Duration::from_secs(1))
@@ -1128,59 +1133,59 @@ impl LocalNode {
             .and_then(|c| c.parse().ok())
             .context("no HTTP status line")?;
         let headers = lines
+            .by_ref()
             .take_while(|l| !l.is_empty())
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
-        Ok((status, headers))
+        let body: Vec<&str> = lines.collect();
+        Ok((status, headers, body.join("\n")))
     }
 
-    /// Starts a packet capture on the node bridge (all pod-to-pod traffic).
+    /// Starts a packet capture of all pod-to-pod traffic: a packet socket on every
+    /// interface of the node namespace (each frame is seen on the veth it crosses).
     pub fn capture(&self) -> anyhow::Result<Capture> {
-        let file = self.dir.path().join(format!(
-            "capture-{}.pcap",
-            NODE_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                "tcpdump",
-                "-i",
-                network::BRIDGE,
-                "-U",
-                "-s",
-                "0",
-                "-Z",
-                "root",
-                "-w",
-            ])
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("start tcpdump (Debian package tcpdump)")?;
-        // tcpdump says "listening on" once the capture is armed.
-        let mut stderr = child.stderr.take().context("tcpdump stderr")?;
-        let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut buf = [0u8; 256];
-        while !String::from_utf8_lossy(&seen).contains("listening on") {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "tcpdump did not start: {}",
-                String::from_utf8_lossy(&seen)
-            );
-            let n = stderr.read(&mut buf)?;
-            anyhow::ensure!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&buf[..n]);
-        }
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockProtocol, SockType, setsockopt, socket, sockopt,
+        };
+        let fd = network::in_netns(&self.ns, || {
+            socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                SockProtocol::EthAll,
+            )
+        })?
+        .context("packet socket")?;
+        setsockopt(&fd, sockopt::RcvBufForce, &(32 * 1024 * 1024)).context("SO_RCVBUFFORCE")?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 50_000),
+        )
+        .context("SO_RCVTIMEO")?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match nix::sys::socket::recv(
+                    fd.as_raw_fd(),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::empty(),
+                ) {
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                    // Timeout with nothing queued: done once asked to stop.
+                    Err(_) if stop2.load(Ordering::Acquire) => break,
+                    Err(_) => {}
+                }
+            }
+            out
+        });
         Ok(Capture {
-            child,
-            file,
-            _stderr: stderr,
+            stop,
+            reader: Some(reader),
         })
     }
 }
@@ -1224,29 +1229,28 @@ impl Drop for Background {
 /// A running packet capture.
 #[derive(Debug)]
 pub struct Capture {
-    child: Child,
-    file: PathBuf,
-    _stderr: std::process::ChildStderr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<Vec<u8>>>,
 }
 
 impl Capture {
-    /// Stops the capture and returns the pcap bytes.
+    /// Stops the capture once every queued frame is read; returns the raw frames, back to
+    /// back.
     pub fn finish(mut self) -> anyhow::Result<Vec<u8>> {
-        // Let the last packets reach the file.
-        std::thread::sleep(Duration::from_millis(200));
-        kill(
-            Pid::from_raw(i32::try_from(self.child.id())?),
-            Signal::SIGINT,
-        )?;
-        let _ = self.child.wait();
-        Ok(fs::read(&self.file)?)
+        self.stop.store(true, Ordering::Release);
+        let reader = self.reader.take().context("capture already finished")?;
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("capture thread panicked"))
     }
 }
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop.store(true, Ordering::Release);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
     }
 }
 
@@ -1513,5 +1517,32 @@ mod tests {
         assert_eq!(field_ref(&pod, "status.podIP"), "10.44.0.2");
         assert_eq!(field_ref(&pod, "metadata.labels['app']"), "b");
         assert_eq!(field_ref(&pod, "metadata.labels['x']"), "");
+    }
+}
+
+/// The value of a Prometheus sample (the sum over all series matching every `labels` pair).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl LocalNode {
+    /// A pod's proxy metrics (port 15090), read from the node's network.
+    pub fn proxy_metrics(&self, r: &PodRef) -> anyhow::Result<String> {
+        let (status, _, body) = self.http_get_body(
+            IpAddr::V4(r.ip),
+            weft_api::bootstrap::PORT_PROMETHEUS,
+            "/stats/prometheus",
+        )?;
+        anyhow::ensure!(status == 200, "metrics of {} answered {status}", r.name);
+        Ok(body)
     }
 }

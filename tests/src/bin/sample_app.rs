@@ -106,6 +106,9 @@ enum Command {
         /// Text to embed at the start of the payload.
         #[arg(long)]
         marker: Option<String>,
+        /// Spread the sending over this long (keeps the connection open, e.g. across reloads).
+        #[arg(long, value_parser = humantime_duration)]
+        over: Option<Duration>,
         #[arg(long, default_value = "15s", value_parser = humantime_duration)]
         timeout: Duration,
     },
@@ -174,8 +177,9 @@ fn main() -> anyhow::Result<()> {
                 bytes,
                 greeting,
                 marker,
+                over,
                 timeout,
-            } => print(&tcp_client(&addr, bytes, greeting, marker, timeout).await),
+            } => print(&tcp_client(&addr, bytes, greeting, marker, over, timeout).await),
             Command::Load {
                 url,
                 rps,
@@ -710,6 +714,7 @@ async fn tcp_client(
     bytes: usize,
     greeting: bool,
     marker: Option<String>,
+    over: Option<Duration>,
     timeout: Duration,
 ) -> TcpReport {
     let mut report = TcpReport::default();
@@ -735,7 +740,17 @@ async fn tcp_client(
         }
         let (mut r, mut w) = s.into_split();
         let writer = tokio::spawn(async move {
-            w.write_all(&payload).await?;
+            match over {
+                None => w.write_all(&payload).await?,
+                Some(over) => {
+                    let chunks = 50usize;
+                    let size = payload.len().div_ceil(chunks).max(1);
+                    for chunk in payload.chunks(size) {
+                        w.write_all(chunk).await?;
+                        tokio::time::sleep(over / chunks as u32).await;
+                    }
+                }
+            }
             w.shutdown().await?;
             Ok::<_, std::io::Error>(payload)
         });

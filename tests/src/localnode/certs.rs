@@ -43,6 +43,8 @@ impl Ca {
     pub fn issue(&self, spiffe_id: &str) -> anyhow::Result<Issued> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
+        // Like Istio's workload certificates: the identity is the URI SAN, the subject is empty.
+        params.distinguished_name = rcgen::DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

@@ -98,6 +98,17 @@ pub fn app_pod(namespace: &str, name: &str, app: &str, sa: &str, serve_args: &[&
                         .collect(),
                 ),
                 readiness_probe: (!ports.is_empty()).then_some(readiness),
+                env: Some(vec![k8s_openapi::api::core::v1::EnvVar {
+                    name: "POD_NAME".into(),
+                    value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                        field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                            field_path: "metadata.name".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
                 security_context: Some(SecurityContext {
                     run_as_user: Some(1000),
                     run_as_group: Some(1000),

@@ -87,8 +87,6 @@ pub struct PodView<'a> {
     pub ip: IpAddr,
     /// True when it runs a Weft proxy.
     pub meshed: bool,
-    /// Identity override (tests of wrong identities), else from the service account.
-    pub identity: Option<String>,
 }
 
 /// Istio's PeerAuthentication precedence: workload selector, then namespace, then mesh-wide;
@@ -205,11 +203,7 @@ pub fn snapshot(inputs: &Inputs<'_>, me: &PodView<'_>, identity: IdentityFiles) 
                 endpoints.push(Endpoint {
                     address: p.ip,
                     port: target,
-                    identity: p.meshed.then(|| {
-                        p.identity
-                            .clone()
-                            .unwrap_or_else(|| pod_identity(p.pod, inputs.trust_domain))
-                    }),
+                    identity: p.meshed.then(|| pod_identity(p.pod, inputs.trust_domain)),
                     labels: p.pod.metadata.labels.clone().unwrap_or_default(),
                     weight: 1,
                 });
