@@ -1546,3 +1546,61 @@ impl LocalNode {
         Ok(body)
     }
 }
+
+impl LocalNode {
+    /// The PID of a running container's process.
+    pub fn container_pid(&self, r: &PodRef, container: &str) -> anyhow::Result<u32> {
+        self.with_pod(r, |p| {
+            p.procs
+                .iter()
+                .find(|c| c.container == container && c.exited.is_none())
+                .map(|c| c.child.id())
+        })?
+        .with_context(|| format!("no running container {container} in {}", r.name))
+    }
+
+    /// Issues a certificate from the mesh root with a DNS name and a SPIFFE ID (for reference
+    /// proxies in benchmarks): (certificate PEM, key PEM).
+    pub fn issue_cert(&self, dns: &str, spiffe_id: &str) -> anyhow::Result<(String, String)> {
+        let issued = self.ca.issue_with_dns(dns, spiffe_id)?;
+        Ok((issued.cert_pem, issued.key_pem))
+    }
+}
+
+/// CPU time and peak memory of a process, from /proc.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ProcUsage {
+    /// User + system CPU seconds.
+    pub cpu_seconds: f64,
+    /// Peak resident set size, bytes (VmHWM).
+    pub peak_rss_bytes: u64,
+    /// Current resident set size, bytes.
+    pub rss_bytes: u64,
+}
+
+/// Reads a process's CPU time and memory.
+pub fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short stat")?.parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the name.
+    let hz = 100.0;
+    let cpu_seconds = (ticks(11)? + ticks(12)?) / hz;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(ProcUsage {
+        cpu_seconds,
+        peak_rss_bytes: kb("VmHWM:") * 1024,
+        rss_bytes: kb("VmRSS:") * 1024,
+    })
+}

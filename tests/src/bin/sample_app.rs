@@ -783,8 +783,25 @@ async fn load(
     let uri: http::Uri = url.parse().with_context(|| format!("url {url:?}"))?;
     let total = (rps as f64 * duration.as_secs_f64()).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / rps.max(1) as f64);
-    let start = Instant::now() + Duration::from_millis(50);
-    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now() + Duration::from_millis(20);
+    // Open loop: a dispatcher thread releases each request at its scheduled time (thread
+    // sleeps are precise to tens of microseconds; tokio's timer has millisecond granularity),
+    // and latency counts from that scheduled time, so a stall is charged to every request it
+    // delays (no coordinated omission).
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let dispatcher = std::thread::spawn(move || {
+        for i in 0..total {
+            let scheduled = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            if tx.send(scheduled).is_err() {
+                break;
+            }
+        }
+    });
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let hist = Arc::new(std::sync::Mutex::new(
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
     ));
@@ -792,25 +809,20 @@ async fn load(
     let ok = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..conns.max(1) {
-        // One client per worker: each worker is one connection, as in a fixed-connection load test.
+        // One client per worker: each worker is one connection, as in a fixed-connection test.
         let client = http_client_for(h2);
-        let (uri, next, hist, failures, ok) = (
+        let (uri, rx, hist, failures, ok) = (
             uri.clone(),
-            next.clone(),
+            rx.clone(),
             hist.clone(),
             failures.clone(),
             ok.clone(),
         );
         workers.push(tokio::spawn(async move {
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
+                let Some(scheduled) = rx.lock().await.recv().await else {
                     break;
-                }
-                // Open loop: each request has a scheduled start; latency counts from it, so a
-                // stall is charged to every request it delays (no coordinated omission).
-                let scheduled = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
-                tokio::time::sleep_until(scheduled.into()).await;
+                };
                 let req = Request::get(uri.clone())
                     .body(Full::new(Bytes::new()))
                     .expect("valid request");
@@ -859,6 +871,9 @@ async fn load(
     for w in workers {
         w.await?;
     }
+    dispatcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("dispatcher panicked"))?;
     let elapsed = start.elapsed().as_secs_f64().max(0.001);
     let hist = hist.lock().expect("lock");
     let failures = failures.lock().expect("lock").clone();

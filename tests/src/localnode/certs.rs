@@ -41,11 +41,21 @@ impl Ca {
 
     /// A workload certificate for `spiffe_id`, valid 24 hours.
     pub fn issue(&self, spiffe_id: &str) -> anyhow::Result<Issued> {
+        self.issue_with_dns("", spiffe_id)
+    }
+
+    /// A workload certificate for `spiffe_id` that also names `dns` (when not empty).
+    pub fn issue_with_dns(&self, dns: &str, spiffe_id: &str) -> anyhow::Result<Issued> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         // Like Istio's workload certificates: the identity is the URI SAN, the subject is empty.
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
+        if !dns.is_empty() {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(dns.try_into()?));
+        }
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

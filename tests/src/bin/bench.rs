@@ -1,0 +1,364 @@
+//! `cargo xtask bench`: Weft's benchmarks on a local node, each comparing modes in the same
+//! run so that ratios hold on a noisy machine. Results go to `target/bench/` as a markdown
+//! table and JSON.
+//!
+//! `dataplane`: fixed-rate HTTP/1.1 load (1000 rps, 16 connections, 1 KiB responses) from a
+//! client pod to a server pod, direct, through the two Weft sidecars (mutual TLS), and through
+//! an HAProxy pair doing the same mTLS hop; latency percentiles measured from each request's
+//! scheduled start (no coordinated omission), and each proxy's CPU seconds and peak RSS.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Serialize;
+use weft_tests::localnode::{LocalNode, NodeOptions, PodRef, ProcUsage, fixtures, proc_usage};
+use weft_tests::sample::LoadReport;
+
+#[derive(Debug, Clone, Serialize)]
+struct ProxyUsage {
+    name: String,
+    cpu_seconds: f64,
+    peak_rss_mb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ModeResult {
+    mode: String,
+    p50_us: u64,
+    p90_us: u64,
+    p99_us: u64,
+    rps: f64,
+    ok: u64,
+    failed: u64,
+    proxies: Vec<ProxyUsage>,
+}
+
+#[derive(Debug, Serialize)]
+struct DataplaneReport {
+    rps: u64,
+    connections: u64,
+    seconds: u64,
+    response_bytes: usize,
+    modes: Vec<ModeResult>,
+    /// p50 added over direct, microseconds, per mode.
+    added_p50_us: Vec<(String, i64)>,
+    /// p99 added over direct, microseconds, per mode.
+    added_p99_us: Vec<(String, i64)>,
+}
+
+const RPS: u64 = 1000;
+const CONNS: u64 = 16;
+const BYTES: usize = 1024;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let out = out_dir()?;
+    std::fs::create_dir_all(&out)?;
+    let seconds: u64 = std::env::var("WEFT_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let which: Vec<String> = std::env::args().skip(1).collect();
+    let wants = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    if wants("dataplane") {
+        let report = dataplane(seconds)?;
+        write_dataplane(&out, &report)?;
+    }
+    Ok(())
+}
+
+fn out_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("WEFT_BENCH_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    // target/<profile>/weft-bench -> target/bench
+    let bins = weft_tests::binaries::dir()?;
+    Ok(bins.parent().context("no target dir")?.join("bench"))
+}
+
+fn usage(node: &LocalNode, pod: &PodRef, container: &str) -> anyhow::Result<ProcUsage> {
+    proc_usage(node.container_pid(pod, container)?)
+}
+
+fn load(node: &LocalNode, from: &PodRef, url: &str, seconds: u64) -> anyhow::Result<LoadReport> {
+    let rps = RPS.to_string();
+    let conns = CONNS.to_string();
+    let duration = format!("{seconds}s");
+    node.exec_json(
+        from,
+        &[
+            "weft-sample-app",
+            "load",
+            url,
+            "--rps",
+            &rps,
+            "--duration",
+            &duration,
+            "--conns",
+            &conns,
+        ],
+    )
+}
+
+fn measured(
+    node: &LocalNode,
+    mode: &str,
+    from: &PodRef,
+    url: &str,
+    seconds: u64,
+    proxies: &[(&str, &PodRef, &str)],
+) -> anyhow::Result<ModeResult> {
+    println!("  {mode}: warm-up");
+    load(node, from, url, 2)?;
+    let before: Vec<ProcUsage> = proxies
+        .iter()
+        .map(|(_, p, c)| usage(node, p, c))
+        .collect::<Result<_, _>>()?;
+    println!("  {mode}: {RPS} rps for {seconds}s over {CONNS} connections");
+    let r = load(node, from, url, seconds)?;
+    let mut usages = Vec::new();
+    for ((name, p, c), b) in proxies.iter().zip(before) {
+        let a = usage(node, p, c)?;
+        usages.push(ProxyUsage {
+            name: (*name).to_owned(),
+            cpu_seconds: a.cpu_seconds - b.cpu_seconds,
+            peak_rss_mb: a.peak_rss_bytes as f64 / 1_048_576.0,
+        });
+    }
+    println!(
+        "  {mode}: p50 {} µs, p90 {} µs, p99 {} µs, {:.0} rps, {} failed",
+        r.p50_us, r.p90_us, r.p99_us, r.rps, r.failed
+    );
+    Ok(ModeResult {
+        mode: mode.to_owned(),
+        p50_us: r.p50_us,
+        p90_us: r.p90_us,
+        p99_us: r.p99_us,
+        rps: r.rps,
+        ok: r.ok,
+        failed: r.failed,
+        proxies: usages,
+    })
+}
+
+fn haproxy_pod(
+    pod: k8s_openapi::api::core::v1::Pod,
+    cfg: &Path,
+) -> k8s_openapi::api::core::v1::Pod {
+    let mut pod = pod;
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    spec.containers.push(k8s_openapi::api::core::v1::Container {
+        name: "haproxy".into(),
+        command: Some(vec!["/usr/sbin/haproxy".into()]),
+        args: Some(vec!["-db".into(), "-f".into(), cfg.display().to_string()]),
+        ..Default::default()
+    });
+    pod
+}
+
+fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
+    println!("dataplane: direct vs Weft sidecars vs HAProxy mTLS pair");
+    let mut proxy_env = vec![("WEFT_LOG_LEVEL".to_string(), "warn".to_string())];
+    if let Ok(c) = std::env::var("WEFT_BENCH_PROXY_CONCURRENCY") {
+        proxy_env.push(("WEFT_CONCURRENCY".into(), c));
+    }
+    let node = LocalNode::start_with(NodeOptions {
+        proxy_env,
+        ..Default::default()
+    })?;
+    let dir = node.dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+
+    // The reference pair: HAProxy terminating and originating mTLS, as in tools/netbench.sh.
+    let (ca, (cc, ck), (sc, sk)) = (
+        node.root_cert_pem().to_owned(),
+        node.issue_cert("bench-client", "spiffe://cluster.local/ns/bench/sa/client")?,
+        node.issue_cert("bench-server", "spiffe://cluster.local/ns/bench/sa/server")?,
+    );
+    std::fs::write(dir.join("ca.pem"), ca)?;
+    std::fs::write(dir.join("client.bundle"), format!("{cc}{ck}"))?;
+    std::fs::write(dir.join("server.bundle"), format!("{sc}{sk}"))?;
+
+    node.create_service(fixtures::service(
+        "bench",
+        "bench-server",
+        &[(8080, "http")],
+    ))?;
+    // Server pod addresses are allocated in order: the plain server is created first.
+    let plain_server_ip = "10.44.0.2";
+    let hs = dir.join("server.cfg");
+    std::fs::write(
+        &hs,
+        format!(
+            "global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend in\n  bind {plain_server_ip}:15443 ssl crt {d}/server.bundle ca-file {d}/ca.pem verify required\n  default_backend app\n\
+             backend app\n  http-reuse always\n  server app 127.0.0.1:8080\n",
+            d = dir.display()
+        ),
+    )?;
+    let hc = dir.join("client.cfg");
+    std::fs::write(
+        &hc,
+        format!(
+            "global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend out\n  bind 127.0.0.1:15001\n  default_backend b\n\
+             backend b\n  http-reuse always\n  server s {plain_server_ip}:15443 ssl crt {d}/client.bundle ca-file {d}/ca.pem verify required verifyhost bench-server\n",
+            d = dir.display()
+        ),
+    )?;
+    let plain_server = node.run_pod(haproxy_pod(
+        fixtures::app_pod(
+            "bench",
+            "plain-server",
+            "plain-server",
+            "server",
+            &["--http", "8080"],
+        ),
+        &hs,
+    ))?;
+    anyhow::ensure!(
+        plain_server.ip.to_string() == plain_server_ip,
+        "unexpected address {}",
+        plain_server.ip
+    );
+    let plain_client = node.run_pod(haproxy_pod(
+        fixtures::client_pod("bench", "plain-client", "client"),
+        &hc,
+    ))?;
+    let mesh_server = node.run_pod(fixtures::manual_inject(fixtures::app_pod(
+        "bench",
+        "mesh-server",
+        "bench-server",
+        "server",
+        &["--http", "8080"],
+    )))?;
+    let mesh_client = node.run_pod(fixtures::manual_inject(fixtures::client_pod(
+        "bench",
+        "mesh-client",
+        "client",
+    )))?;
+
+    let path = format!("/bytes/{BYTES}");
+    let modes = vec![
+        measured(
+            &node,
+            "direct",
+            &plain_client,
+            &format!("http://{}:8080{path}", plain_server.ip),
+            seconds,
+            &[],
+        )?,
+        measured(
+            &node,
+            "weft",
+            &mesh_client,
+            &format!("http://bench-server:8080{path}"),
+            seconds,
+            &[
+                ("client sidecar", &mesh_client, "weft-proxy"),
+                ("server sidecar", &mesh_server, "weft-proxy"),
+            ],
+        )?,
+        measured(
+            &node,
+            "haproxy-mtls",
+            &plain_client,
+            &format!("http://127.0.0.1:15001{path}"),
+            seconds,
+            &[
+                ("client haproxy", &plain_client, "haproxy"),
+                ("server haproxy", &plain_server, "haproxy"),
+            ],
+        )?,
+    ];
+    let direct = modes[0].clone();
+    let added = |f: fn(&ModeResult) -> u64| -> Vec<(String, i64)> {
+        modes[1..]
+            .iter()
+            .map(|m| (m.mode.clone(), f(m) as i64 - f(&direct) as i64))
+            .collect()
+    };
+    Ok(DataplaneReport {
+        rps: RPS,
+        connections: CONNS,
+        seconds,
+        response_bytes: BYTES,
+        added_p50_us: added(|m| m.p50_us),
+        added_p99_us: added(|m| m.p99_us),
+        modes,
+    })
+}
+
+fn write_dataplane(out: &Path, r: &DataplaneReport) -> anyhow::Result<()> {
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# Data plane: {} rps, {} connections, {} s, {} B responses\n",
+        r.rps, r.connections, r.seconds, r.response_bytes
+    )?;
+    writeln!(
+        md,
+        "| mode | p50 µs | p90 µs | p99 µs | rps | failed | proxy CPU s (client / server) | peak RSS MB (client / server) |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---|---|")?;
+    for m in &r.modes {
+        let cpu: Vec<String> = m
+            .proxies
+            .iter()
+            .map(|p| format!("{:.2}", p.cpu_seconds))
+            .collect();
+        let rss: Vec<String> = m
+            .proxies
+            .iter()
+            .map(|p| format!("{:.1}", p.peak_rss_mb))
+            .collect();
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+            m.mode,
+            m.p50_us,
+            m.p90_us,
+            m.p99_us,
+            m.rps,
+            m.failed,
+            if cpu.is_empty() {
+                "-".into()
+            } else {
+                cpu.join(" / ")
+            },
+            if rss.is_empty() {
+                "-".into()
+            } else {
+                rss.join(" / ")
+            },
+        )?;
+    }
+    writeln!(md, "\nAdded over direct (µs):\n")?;
+    writeln!(md, "| mode | p50 | p99 |")?;
+    writeln!(md, "|---|---:|---:|")?;
+    for ((mode, p50), (_, p99)) in r.added_p50_us.iter().zip(&r.added_p99_us) {
+        writeln!(md, "| {mode} | {p50} | {p99} |")?;
+    }
+    if let (Some((_, weft)), Some((_, haproxy))) = (
+        r.added_p50_us.iter().find(|(m, _)| m == "weft"),
+        r.added_p50_us.iter().find(|(m, _)| m == "haproxy-mtls"),
+    ) && *haproxy > 0
+    {
+        writeln!(
+            md,
+            "\nWeft adds {:.0}% of the p50 latency the HAProxy pair adds (target: at most 50%).",
+            100.0 * *weft as f64 / *haproxy as f64
+        )?;
+    }
+    std::fs::write(out.join("dataplane.md"), &md)?;
+    std::fs::write(out.join("dataplane.json"), serde_json::to_string_pretty(r)?)?;
+    println!("\n{md}");
+    println!("written to {}", out.display());
+    Ok(())
+}
