@@ -169,17 +169,7 @@ fn kind_e2e(root: &Path) -> anyhow::Result<()> {
     run(
         root,
         &cargo(),
-        &[
-            "test",
-            "-p",
-            "weft-tests",
-            "--features",
-            "kind",
-            "--test",
-            "kind",
-            "--",
-            "--ignored",
-        ],
+        &["test", "-p", "weft-webhook", "--features", "kind", "--test", "cluster"],
         &[],
     )
 }
