@@ -14,6 +14,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use weft_api::bootstrap::{PATH_APP_HEALTH_PREFIX, PATH_METRICS, PATH_QUIT, PATH_READY};
+
 use crate::app::Proxy;
 use crate::http::Body;
 use crate::probe;
@@ -88,20 +90,20 @@ async fn route(proxy: &Proxy, surface: Surface, req: Request<Incoming>) -> Respo
     let method = req.method();
     let allowed = match surface {
         Surface::Admin => true,
-        Surface::Readiness => path == "/healthz/ready",
-        Surface::Prometheus => path == "/stats/prometheus",
+        Surface::Readiness => path == PATH_READY,
+        Surface::Prometheus => path == PATH_METRICS,
         Surface::Status => {
-            path == "/healthz/ready"
-                || path == "/stats/prometheus"
-                || path == "/quitquitquit"
-                || path.starts_with("/app-health/")
+            path == PATH_READY
+                || path == PATH_METRICS
+                || path == PATH_QUIT
+                || path.starts_with(PATH_APP_HEALTH_PREFIX)
         }
     };
     if !allowed {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     match (method, path) {
-        (&Method::GET, "/healthz/ready") => {
+        (&Method::GET, PATH_READY) => {
             let mut r = if proxy.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else if proxy.drain.is_draining() {
@@ -118,21 +120,36 @@ async fn route(proxy: &Proxy, surface: Surface, req: Request<Incoming>) -> Respo
             }
             r
         }
-        (&Method::GET, "/stats/prometheus") => {
-            let mut r = text(StatusCode::OK, proxy.metrics.encode());
+        (&Method::GET, PATH_METRICS) => {
+            let mut body = proxy.metrics.encode();
+            if surface == Surface::Status
+                && let Some(app) = &proxy.settings.app_metrics
+            {
+                // Istio's merge: one scrape of the status port sees the sidecar and the app.
+                match probe::fetch_text(app.port, &app.path).await {
+                    Ok(text) => {
+                        body.push_str(&text);
+                        if !text.ends_with('\n') {
+                            body.push('\n');
+                        }
+                    }
+                    Err(error) => debug!(port = app.port, %error, "app metrics unavailable"),
+                }
+            }
+            let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             r
         }
-        (&Method::POST, "/quitquitquit") => {
+        (&Method::POST, PATH_QUIT) => {
             info!("quitquitquit: the app containers are done, exiting");
             proxy.quit.notify_one();
             text(StatusCode::OK, "exiting\n")
         }
         (&Method::GET, "/config_dump") => json(&config_dump(proxy)),
-        (&Method::GET, p) if p.starts_with("/app-health/") => app_health(proxy, p).await,
+        (&Method::GET, p) if p.starts_with(PATH_APP_HEALTH_PREFIX) => app_health(proxy, p).await,
         (&Method::GET, "/") => text(
             StatusCode::OK,
             "weft-proxy admin: /config_dump /healthz/ready /stats/prometheus POST /quitquitquit\n",

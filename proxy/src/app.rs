@@ -155,6 +155,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         (ports.prometheus, admin::Surface::Prometheus),
         (ports.status, admin::Surface::Status),
     ] {
+        if port == 0 {
+            continue;
+        }
         for l in socket::bind_dual(&Settings::capture_addrs(port))
             .with_context(|| format!("{surface:?} listener"))?
         {

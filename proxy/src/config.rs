@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use weft_api::bootstrap::{self as boot, AppProbes};
+use weft_api::bootstrap::{self as boot, AppMetrics, AppProbes};
 
 /// How long in-flight requests may take to finish after SIGTERM (Istio's
 /// `terminationDrainDuration`).
@@ -107,6 +107,8 @@ pub struct Settings {
     pub pod: PodInfo,
     /// Rewritten app probes served on the status port.
     pub app_probes: AppProbes,
+    /// The app's own metrics endpoint, merged into the status port's metrics.
+    pub app_metrics: Option<AppMetrics>,
     /// Control plane address (`host:port`).
     pub control_plane: Option<String>,
     /// Trust domain the proxy expects its identity in.
@@ -152,12 +154,14 @@ impl Settings {
         let concurrency = match get(ENV_CONCURRENCY) {
             None => DEFAULT_CONCURRENCY,
             Some(v) => match v.trim().parse::<usize>() {
+                Ok(0) => DEFAULT_CONCURRENCY,
                 Ok(n) if (1..=64).contains(&n) => n,
                 _ => {
                     return Err(SettingsError {
                         name: ENV_CONCURRENCY,
                         value: v,
-                        reason: "must be a number of threads between 1 and 64".into(),
+                        reason: "must be a number of threads between 1 and 64 (0: the default)"
+                            .into(),
                     });
                 }
             },
@@ -165,12 +169,14 @@ impl Settings {
         let mut ports = Ports::default();
         if let Some(v) = get(ENV_STATUS_PORT) {
             ports.status = match v.trim().parse::<u16>() {
-                Ok(p) if p != 0 => p,
-                _ => {
+                Ok(p) => p,
+                Err(_) => {
                     return Err(SettingsError {
                         name: ENV_STATUS_PORT,
                         value: v,
-                        reason: "must be a port between 1 and 65535".into(),
+                        reason:
+                            "must be a port between 1 and 65535, or 0 to disable the status server"
+                                .into(),
                     });
                 }
             };
@@ -182,6 +188,14 @@ impl Settings {
                 value: v.clone(),
                 reason: e.to_string(),
             })?,
+        };
+        let app_metrics = match get(boot::ENV_APP_METRICS) {
+            None => None,
+            Some(v) => Some(serde_json::from_str(&v).map_err(|e| SettingsError {
+                name: boot::ENV_APP_METRICS,
+                value: v.clone(),
+                reason: e.to_string(),
+            })?),
         };
         let ip = match get(boot::ENV_INSTANCE_IP) {
             None => None,
@@ -209,6 +223,7 @@ impl Settings {
                 node: get(boot::ENV_NODE_NAME).unwrap_or_default(),
             },
             app_probes,
+            app_metrics,
             control_plane: get(boot::ENV_CONTROL_PLANE),
             trust_domain: get(boot::ENV_TRUST_DOMAIN),
             token_path: path(boot::ENV_TOKEN_PATH, boot::DEFAULT_TOKEN_PATH),
@@ -286,7 +301,13 @@ mod tests {
             e.to_string().starts_with("WEFT_DRAIN_DURATION=\"soon\""),
             "{e}"
         );
-        let e = Settings::from_source(None, source(&[("WEFT_CONCURRENCY", "0")]))
+        let s = Settings::from_source(
+            None,
+            source(&[("WEFT_CONCURRENCY", "0"), ("WEFT_STATUS_PORT", "0")]),
+        )
+        .expect("0 means default / disabled");
+        assert_eq!((s.concurrency, s.ports.status), (DEFAULT_CONCURRENCY, 0));
+        let e = Settings::from_source(None, source(&[("WEFT_CONCURRENCY", "65")]))
             .expect_err("bad concurrency");
         assert!(e.to_string().contains("WEFT_CONCURRENCY"), "{e}");
         let e =

@@ -90,6 +90,35 @@ async fn http_get(probe: &HttpGetProbe, timeout: Duration) -> Result<(), String>
     }
 }
 
+/// `GET http://localhost:<port><path>` on the app: the body as text (metrics merge).
+pub async fn fetch_text(port: u16, path: &str) -> Result<String, String> {
+    let tcp = socket::connect_app(localhost(), port, DEFAULT_TIMEOUT)
+        .await
+        .map_err(|e| format!("connect to port {port}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("http handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(http::header::HOST, format!("localhost:{port}"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| format!("bad request: {e}"))?;
+    let resp = tokio::time::timeout(DEFAULT_TIMEOUT * 5, sender.send_request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| format!("http request: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 async fn send_h1<IO>(io: IO, req: Request<Full<Bytes>>) -> Result<StatusCode, String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -49,7 +49,7 @@ pub const ANNOTATION_PROMETHEUS_PORT: &str = "prometheus.io/port";
 /// Annotation: scrape path.
 pub const ANNOTATION_PROMETHEUS_PATH: &str = "prometheus.io/path";
 /// Merged metrics path on the status port.
-pub const PROMETHEUS_PATH: &str = "/stats/prometheus";
+pub const PROMETHEUS_PATH: &str = weft_api::bootstrap::PATH_METRICS;
 
 /// What the caller knows beyond the pod itself.
 #[derive(Debug, Clone, Default)]
@@ -372,11 +372,45 @@ fn mutate(pod: &Pod, mesh: &MeshConfig, ctx: &InjectContext) -> Result<Mutated, 
         if scrape.is_some_and(|s| s.eq_ignore_ascii_case("false")) {
             // The user does not want this pod scraped.
         } else if app_has_own {
-            warnings.push(format!(
-                "the pod's own prometheus.io annotations were kept; the proxy's metrics are on \
-                 port {} path {PROMETHEUS_PATH}",
-                settings.status_port
-            ));
+            // Istio's metrics merge: the proxy scrapes the app's own endpoint and serves both
+            // on the status port, so one scrape sees the app and its sidecar.
+            match anns
+                .get(ANNOTATION_PROMETHEUS_PORT)
+                .map(|p| p.parse::<u16>())
+            {
+                Some(Ok(port)) if port != 0 => {
+                    let target = weft_api::bootstrap::AppMetrics {
+                        port,
+                        path: anns
+                            .get(ANNOTATION_PROMETHEUS_PATH)
+                            .cloned()
+                            .unwrap_or_else(|| "/metrics".to_owned()),
+                    };
+                    let json = serde_json::to_string(&target).unwrap_or_default();
+                    let spec = after.spec.get_or_insert_with(Default::default);
+                    if let Some(proxy) = spec
+                        .containers
+                        .iter_mut()
+                        .chain(spec.init_containers.iter_mut().flatten())
+                        .find(|c| c.name == sidecar::PROXY_CONTAINER)
+                    {
+                        proxy.env.get_or_insert_with(Vec::new).push(k8s_openapi::api::core::v1::EnvVar {
+                            name: weft_api::bootstrap::ENV_APP_METRICS.to_owned(),
+                            value: Some(json),
+                            ..Default::default()
+                        });
+                    }
+                    let anns = after.metadata.annotations.get_or_insert_with(BTreeMap::new);
+                    anns.insert(ANNOTATION_PROMETHEUS_SCRAPE.to_owned(), "true".to_owned());
+                    anns.insert(ANNOTATION_PROMETHEUS_PORT.to_owned(), settings.status_port.to_string());
+                    anns.insert(ANNOTATION_PROMETHEUS_PATH.to_owned(), PROMETHEUS_PATH.to_owned());
+                }
+                _ => warnings.push(format!(
+                    "the pod's own prometheus.io annotations were kept (no numeric prometheus.io/port \
+                     to merge); the proxy's metrics are on port {} path {PROMETHEUS_PATH}",
+                    settings.status_port
+                )),
+            }
         } else {
             anns.insert(ANNOTATION_PROMETHEUS_SCRAPE.to_owned(), "true".to_owned());
             anns.insert(
@@ -553,5 +587,41 @@ spec:
             e.contains("sidecar.istio.io/interceptionMode") && e.contains("TPROXY"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn app_metrics_are_merged_on_the_status_port() {
+        let p = pod(r#"
+metadata:
+  name: p
+  annotations: {prometheus.io/scrape: "true", prometheus.io/port: "9100", prometheus.io/path: /m}
+spec:
+  containers: [{name: a}]
+"#);
+        let Outcome::Injected(inj) =
+            inject(&p, &MeshConfig::default(), &InjectContext::default()).expect("ok")
+        else {
+            panic!("not injected")
+        };
+        let anns = inj.pod.metadata.annotations.clone().expect("annotations");
+        assert_eq!(anns[ANNOTATION_PROMETHEUS_PORT], "15020");
+        assert_eq!(anns[ANNOTATION_PROMETHEUS_PATH], PROMETHEUS_PATH);
+        let spec = inj.pod.spec.expect("spec");
+        let proxy = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .find(|c| c.name == sidecar::PROXY_CONTAINER)
+            .expect("proxy");
+        let env = proxy
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == weft_api::bootstrap::ENV_APP_METRICS)
+            .and_then(|e| e.value.clone())
+            .expect("app metrics env");
+        let target: weft_api::bootstrap::AppMetrics = serde_json::from_str(&env).expect("json");
+        assert_eq!((target.port, target.path.as_str()), (9100, "/m"));
     }
 }

@@ -34,9 +34,9 @@ pub const ENV_TOKEN_PATH: &str = "WEFT_TOKEN_PATH";
 pub const ENV_ROOT_CERT_PATH: &str = "WEFT_ROOT_CERT";
 /// Directory, in memory, where the proxy keeps its key and certificate.
 pub const ENV_CREDENTIALS_DIR: &str = "WEFT_CREDENTIALS_DIR";
-/// Port of the status server (app probes, merged metrics, `/quitquitquit`).
+/// Port of the status server (app probes, merged metrics, `/quitquitquit`); `0` disables it.
 pub const ENV_STATUS_PORT: &str = "WEFT_STATUS_PORT";
-/// Worker threads of the proxy.
+/// Worker threads of the proxy; `0` or unset picks the default.
 pub const ENV_CONCURRENCY: &str = "WEFT_CONCURRENCY";
 /// `tracing` filter, e.g. `info` or `weft_proxy=debug`.
 pub const ENV_LOG_LEVEL: &str = "WEFT_LOG_LEVEL";
@@ -68,6 +68,41 @@ pub const PORT_PROMETHEUS: u16 = 15090;
 pub const PORT_CONTROL_PLANE: u16 = 15012;
 /// UID and GID the proxy runs as; redirection exempts them.
 pub const PROXY_UID: u32 = 1337;
+
+/// Readiness path (on [`PORT_READINESS`] and the status port).
+pub const PATH_READY: &str = "/healthz/ready";
+/// Prometheus path (on [`PORT_PROMETHEUS`] and the status port).
+pub const PATH_METRICS: &str = "/stats/prometheus";
+/// `POST` here on the status port makes the proxy drain and exit (Jobs in classic mode).
+pub const PATH_QUIT: &str = "/quitquitquit";
+/// Prefix of the rewritten app probes on the status port.
+pub const PATH_APP_HEALTH_PREFIX: &str = "/app-health/";
+/// `weft-proxy` with no subcommand runs the sidecar; `weft-proxy wait` blocks until the proxy
+/// beside it is ready (the classic-mode postStart hook).
+pub const PROXY_WAIT_SUBCOMMAND: &str = "wait";
+/// JSON [`AppMetrics`]: where the app's own Prometheus metrics are, merged into the status
+/// port's `/stats/prometheus` (Istio's `ISTIO_PROMETHEUS_ANNOTATIONS`).
+pub const ENV_APP_METRICS: &str = "WEFT_APP_METRICS";
+
+/// The status-port path of a rewritten probe: `kind` is `livez`, `readyz` or `startupz`.
+pub fn app_health_path(container: &str, kind: &str) -> String {
+    format!("{PATH_APP_HEALTH_PREFIX}{container}/{kind}")
+}
+
+/// The app's own metrics endpoint, from its original `prometheus.io/*` annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppMetrics {
+    /// Port on localhost.
+    pub port: u16,
+    /// Path, default `/metrics`.
+    #[serde(default = "default_metrics_path")]
+    pub path: String,
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".to_owned()
+}
 
 /// A container port of the app, as passed in [`ENV_APP_PORTS`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -413,7 +413,8 @@ impl Snapshot {
                     return Err(ConfigError::new(format!("{field}.port"), "must not be 0"));
                 }
                 if let Some(id) = &e.identity {
-                    check_spiffe_id(id).map_err(|r| ConfigError::new(format!("{field}.identity"), r))?;
+                    check_spiffe_id(id)
+                        .map_err(|r| ConfigError::new(format!("{field}.identity"), r))?;
                 }
                 if c.tls.mode == UpstreamTlsMode::IstioMutual && e.identity.is_none() {
                     return Err(ConfigError::new(
@@ -426,7 +427,10 @@ impl Snapshot {
         let mut listeners = BTreeSet::new();
         for (i, s) in self.services.iter().enumerate() {
             if s.hostname.is_empty() {
-                return Err(ConfigError::new(format!("services[{i}].hostname"), "is empty"));
+                return Err(ConfigError::new(
+                    format!("services[{i}].hostname"),
+                    "is empty",
+                ));
             }
             for (j, p) in s.ports.iter().enumerate() {
                 let field = format!("services[{i}].ports[{j}]");
@@ -454,7 +458,10 @@ impl Snapshot {
         let mut inbound = BTreeSet::new();
         for (i, p) in self.inbound.ports.iter().enumerate() {
             if p.port == 0 {
-                return Err(ConfigError::new(format!("inbound.ports[{i}].port"), "must not be 0"));
+                return Err(ConfigError::new(
+                    format!("inbound.ports[{i}].port"),
+                    "must not be 0",
+                ));
             }
             if !inbound.insert(p.port) {
                 return Err(ConfigError::new(
@@ -474,7 +481,9 @@ pub fn check_spiffe_id(id: &str) -> Result<(), String> {
         .ok_or_else(|| format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/...)"))?;
     match rest.split_once('/') {
         Some((td, path)) if !td.is_empty() && !path.is_empty() => Ok(()),
-        _ => Err(format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/...)")),
+        _ => Err(format!(
+            "{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/...)"
+        )),
     }
 }
 
@@ -550,7 +559,12 @@ inbound:
 
         let mut s = sample();
         s.services.push(s.services[0].clone());
-        assert!(s.validate().expect_err("dup vip").reason.contains("claimed by two"));
+        assert!(
+            s.validate()
+                .expect_err("dup vip")
+                .reason
+                .contains("claimed by two")
+        );
     }
 
     #[test]
@@ -559,7 +573,10 @@ inbound:
         assert_eq!(Protocol::from_port("grpc", None), Protocol::Grpc);
         assert_eq!(Protocol::from_port("mysql", None), Protocol::Tcp);
         assert_eq!(Protocol::from_port("web", None), Protocol::Auto);
-        assert_eq!(Protocol::from_port("tcp", Some("kubernetes.io/h2c")), Protocol::Http2);
+        assert_eq!(
+            Protocol::from_port("tcp", Some("kubernetes.io/h2c")),
+            Protocol::Http2
+        );
         assert_eq!(Protocol::from_port("http", Some("unknown")), Protocol::Http);
     }
 }

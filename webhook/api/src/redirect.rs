@@ -126,9 +126,7 @@ impl fmt::Display for CidrSet {
 pub fn parse_ports(s: &str) -> Result<Vec<u16>, ListError> {
     items(s)
         .map(|p| match p.parse::<u16>() {
-            Ok(0) | Err(_) => Err(ListError(format!(
-                "{p:?} is not a port (1-65535) in {s:?}"
-            ))),
+            Ok(0) | Err(_) => Err(ListError(format!("{p:?} is not a port (1-65535) in {s:?}"))),
             Ok(n) => Ok(n),
         })
         .collect()
@@ -151,13 +149,14 @@ pub fn parse_interfaces(s: &str) -> Result<Vec<String>, ListError> {
     items(s)
         .map(|i| {
             let ok = i.len() < 16
-                && i
-                    .chars()
+                && i.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
             if ok {
                 Ok(i.to_owned())
             } else {
-                Err(ListError(format!("{i:?} is not an interface name in {s:?}")))
+                Err(ListError(format!(
+                    "{i:?} is not an interface name in {s:?}"
+                )))
             }
         })
         .collect()
@@ -229,13 +228,28 @@ impl InitArgs {
             format!("--outbound-port={}", self.outbound_port),
             format!("--inbound-port={}", self.inbound_port),
             format!("--include-outbound-cidrs={}", self.include_outbound_cidrs),
-            format!("--exclude-outbound-cidrs={}", join(&self.exclude_outbound_cidrs)),
+            format!(
+                "--exclude-outbound-cidrs={}",
+                join(&self.exclude_outbound_cidrs)
+            ),
             format!("--include-inbound-ports={}", self.include_inbound_ports),
-            format!("--exclude-inbound-ports={}", join(&self.exclude_inbound_ports)),
-            format!("--include-outbound-ports={}", join(&self.include_outbound_ports)),
-            format!("--exclude-outbound-ports={}", join(&self.exclude_outbound_ports)),
+            format!(
+                "--exclude-inbound-ports={}",
+                join(&self.exclude_inbound_ports)
+            ),
+            format!(
+                "--include-outbound-ports={}",
+                join(&self.include_outbound_ports)
+            ),
+            format!(
+                "--exclude-outbound-ports={}",
+                join(&self.exclude_outbound_ports)
+            ),
         ];
-        a.push(format!("--exclude-interfaces={}", self.exclude_interfaces.join(",")));
+        a.push(format!(
+            "--exclude-interfaces={}",
+            self.exclude_interfaces.join(",")
+        ));
         a
     }
 }
@@ -254,10 +268,15 @@ mod tests {
         );
         assert_eq!(PortSet::Some(vec![80, 443]).to_string(), "80,443");
         let e = PortSet::parse("80,99999").expect_err("range");
-        assert_eq!(e.to_string(), "\"99999\" is not a port (1-65535) in \"80,99999\"");
+        assert_eq!(
+            e.to_string(),
+            "\"99999\" is not a port (1-65535) in \"80,99999\""
+        );
         assert!(parse_ports("0").is_err());
         assert_eq!(
-            CidrSet::parse("10.0.0.1/8,fd00::1").expect("cidrs").to_string(),
+            CidrSet::parse("10.0.0.1/8,fd00::1")
+                .expect("cidrs")
+                .to_string(),
             "10.0.0.0/8,fd00::1/128"
         );
         assert!(CidrSet::parse("10.0.0.0/33").is_err());

@@ -9,7 +9,7 @@ use weft_api::bootstrap::{AppProbe, AppProbes, GrpcProbe, HttpGetProbe, ProbeHea
 
 /// The status-port path of a rewritten probe.
 pub fn app_health_path(container: &str, kind: &str) -> String {
-    format!("/app-health/{container}/{kind}")
+    weft_api::bootstrap::app_health_path(container, kind)
 }
 
 /// Rewrites the probes of one app container in place, adding the originals to `table`.

@@ -34,7 +34,7 @@ pub const ROOT_CERT_VOLUME: &str = "weft-root-cert";
 /// In-memory directory for the proxy's key and certificate.
 pub const CREDENTIALS_VOLUME: &str = "weft-credentials";
 /// Path of the readiness endpoint on [`PORT_READINESS`].
-pub const READY_PATH: &str = "/healthz/ready";
+pub const READY_PATH: &str = weft_api::bootstrap::PATH_READY;
 
 /// Whether a volume name is one the injector adds.
 pub fn is_weft_volume(name: &str) -> bool {
@@ -245,7 +245,7 @@ pub fn proxy(
                 exec: Some(ExecAction {
                     command: Some(vec![
                         "weft-proxy".to_owned(),
-                        "wait".to_owned(),
+                        weft_api::bootstrap::PROXY_WAIT_SUBCOMMAND.to_owned(),
                         format!(
                             "--timeout={}",
                             humantime::format_duration(mesh.proxy_ready_timeout)
