@@ -131,9 +131,7 @@ impl Config {
         let empty = |name: &str| {
             Arc::new(Cluster::compile(&model::Cluster {
                 name: name.to_owned(),
-                endpoints: Vec::new(),
-                tls: Default::default(),
-                connect_timeout_ms: None,
+                ..Default::default()
             }))
         };
         let mut by_vip = HashMap::new();
@@ -227,11 +225,10 @@ pub fn load_file(path: &Path) -> Result<Config, LoadError> {
         path: display.clone(),
         source,
     })?;
-    let snapshot: model::Snapshot =
-        serde_yaml_ng::from_str(&text).map_err(|e| LoadError::Parse {
-            path: display.clone(),
-            reason: e.to_string(),
-        })?;
+    let snapshot = model::Snapshot::from_yaml(&text).map_err(|e| LoadError::Parse {
+        path: display.clone(),
+        reason: e.to_string(),
+    })?;
     Config::compile(snapshot).map_err(|source| LoadError::Invalid {
         path: display,
         source,
@@ -263,7 +260,7 @@ mod tests {
     use super::*;
 
     fn config(yaml: &str) -> Config {
-        Config::compile(serde_yaml_ng::from_str(yaml).expect("yaml")).expect("valid")
+        Config::compile(model::Snapshot::from_yaml(yaml).expect("yaml")).expect("valid")
     }
 
     const TWO_SERVICES: &str = r#"

@@ -211,14 +211,13 @@ pub fn snapshot(inputs: &Inputs<'_>, me: &PodView<'_>, identity: IdentityFiles) 
             clusters.push(Cluster {
                 name: Cluster::outbound_name(port, None, &hostname),
                 endpoints,
-                tls: Default::default(),
-                connect_timeout_ms: None,
+                ..Default::default()
             });
             ports.push(ServicePort {
                 port,
                 name: sp.name.clone().unwrap_or_default(),
                 protocol,
-                cluster: None,
+                ..Default::default()
             });
         }
         services.push(model::Service {

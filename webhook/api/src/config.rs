@@ -211,7 +211,7 @@ pub struct Service {
 }
 
 /// One port of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     /// Service port.
@@ -222,10 +222,19 @@ pub struct ServicePort {
     /// Declared protocol; [`Protocol::Auto`] means detect.
     #[serde(default)]
     pub protocol: Protocol,
-    /// Cluster carrying this port's traffic; defaults to [`Cluster::outbound_name`] of the
-    /// port and the service host name.
+    /// Cluster carrying this port's traffic when no route says otherwise; defaults to
+    /// [`Cluster::outbound_name`] of the port and the service host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+    /// HTTP routes (VirtualService `http`, HTTPRoute, GRPCRoute, TrafficSplit), in order:
+    /// the first route with a matching [`HttpMatch`] wins. A request no route matches is
+    /// answered 404 when routes exist; with no routes everything goes to `cluster`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_routes: Vec<HttpRoute>,
+    /// TCP and TLS routes (VirtualService `tcp` and `tls`), first match wins; with no routes
+    /// (or none matching) the connection goes to `cluster`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_routes: Vec<TcpRoute>,
 }
 
 impl ServicePort {
@@ -238,7 +247,7 @@ impl ServicePort {
 }
 
 /// A group of endpoints (a service port, or a subset of one).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Cluster {
     /// Unique name, conventionally `outbound|<port>|<subset>|<host>`.
@@ -252,6 +261,550 @@ pub struct Cluster {
     /// Connect timeout; the proxy's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
+    /// How requests are spread over the endpoints.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub load_balancer: LoadBalancer,
+    /// Connection and request limits (circuit breaking).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub connection_pool: ConnectionPool,
+    /// Ejection of misbehaving endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Bound on retries towards this cluster, as a share of its active requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// DestinationRule `trafficPolicy.loadBalancer`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    /// The policy.
+    #[serde(default)]
+    pub policy: LbPolicy,
+    /// Consistent hashing; when set it replaces `policy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHash>,
+    /// New endpoints ramp up their share of traffic over this long (slow start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_ms: Option<u64>,
+}
+
+/// `loadBalancer.simple`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbPolicy {
+    /// Weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Power of two choices on live load (in-flight requests, latency EWMA).
+    LeastRequest,
+    /// Uniformly random.
+    Random,
+    /// To the original destination address, as the client meant it.
+    Passthrough,
+}
+
+/// `loadBalancer.consistentHash`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHash {
+    /// What is hashed.
+    pub key: HashKey,
+    /// Ring hash or Maglev.
+    #[serde(default)]
+    pub algorithm: HashAlgorithm,
+}
+
+/// The hashed request attribute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HashKey {
+    /// A request header.
+    Header(String),
+    /// A cookie; generated with this path and TTL when the request has none.
+    Cookie {
+        /// Cookie name.
+        name: String,
+        /// Path of a generated cookie.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+        /// Lifetime of a generated cookie; absent: a session cookie.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+    },
+    /// The client's address.
+    SourceIp,
+    /// A query parameter.
+    QueryParameter(String),
+}
+
+/// Consistent hashing algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HashAlgorithm {
+    /// Ketama ring with at least this many entries.
+    Ring {
+        /// Minimum ring size (Envoy's default 1024).
+        min_ring_size: u32,
+    },
+    /// Maglev with this (prime) table size (default 65537).
+    Maglev {
+        /// Table size.
+        table_size: u32,
+    },
+}
+
+impl Default for HashAlgorithm {
+    fn default() -> Self {
+        HashAlgorithm::Ring {
+            min_ring_size: 1024,
+        }
+    }
+}
+
+/// DestinationRule `trafficPolicy.connectionPool`. Absent limits are unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPool {
+    /// `tcp.maxConnections`: connections to the cluster, all endpoints together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// `tcp.tcpKeepalive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `http.http1MaxPendingRequests`: requests waiting for a connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http1_max_pending_requests: Option<u32>,
+    /// `http.http2MaxRequests`: concurrent requests to the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_requests: Option<u32>,
+    /// `http.maxRequestsPerConnection`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// `http.maxRetries`: concurrent retries to the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// `http.idleTimeout`: idle upstream connections close after this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+}
+
+/// TCP keepalive settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpKeepalive {
+    /// Idle time before probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ms: Option<u64>,
+    /// Between probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// Probes before the connection is dead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<u32>,
+}
+
+/// DestinationRule `trafficPolicy.outlierDetection`, with Istio's defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive 5xx (and connect failures) before ejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx_errors: Option<u32>,
+    /// Consecutive 502/503/504 (and connect failures) before ejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How often ejections are reconsidered.
+    #[serde(default = "default_outlier_interval")]
+    pub interval_ms: u64,
+    /// Ejection time; the n-th ejection of an endpoint lasts n times this.
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection_time_ms: u64,
+    /// At most this share of endpoints is ejected at once.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy endpoints, nothing is ejected.
+    #[serde(default)]
+    pub min_health_percent: u32,
+}
+
+fn default_outlier_interval() -> u64 {
+    10_000
+}
+fn default_base_ejection() -> u64 {
+    30_000
+}
+fn default_max_ejection_percent() -> u32 {
+    10
+}
+
+/// Envoy's retry budget: retries in flight stay under `percent` of active requests (at
+/// least `min_concurrency`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Share of active requests, percent.
+    pub percent: f64,
+    /// Retries always allowed concurrently.
+    pub min_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            percent: 20.0,
+            min_concurrency: 3,
+        }
+    }
+}
+
+/// One HTTP route: matches, then what to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    /// Name, for logs and metrics.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Any of these matches the request; empty matches everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatch>,
+    /// What happens to a matching request.
+    pub action: HttpAction,
+    /// Header changes on the request (after the destination's).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub request_headers: HeaderOps,
+    /// Header changes on the response.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub response_headers: HeaderOps,
+    /// Fault injection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+    /// CORS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsPolicy>,
+}
+
+/// A request match: every given condition must hold.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatch {
+    /// Path (without query).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<StringMatch>,
+    /// `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<StringMatch>,
+    /// Method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatch>,
+    /// Host / `:authority`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<StringMatch>,
+    /// Headers (`headers` and `withoutHeaders`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    /// Query parameters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<QueryMatch>,
+    /// Compare `uri` case-insensitively.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_uri_case: bool,
+    /// The port the client connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// Istio's `StringMatch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StringMatch {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// RE2 regex matching the whole value.
+    Regex(String),
+}
+
+/// A header condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// Lower-case name.
+    pub name: String,
+    /// The value condition; absent: the header must be present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<StringMatch>,
+    /// Negated (`withoutHeaders`): the request must not match.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub invert: bool,
+}
+
+/// A query parameter condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryMatch {
+    /// Parameter name.
+    pub name: String,
+    /// The value condition; absent: the parameter must be present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<StringMatch>,
+}
+
+/// What a route does with a matching request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HttpAction {
+    /// Forward to weighted clusters.
+    Forward(Forward),
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer with a fixed response.
+    DirectResponse(DirectResponse),
+}
+
+/// Forwarding.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Forward {
+    /// Clusters with relative weights (a canary split when several).
+    pub destinations: Vec<WeightedCluster>,
+    /// Path and authority rewrites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    /// Whole-request timeout, including retries; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetryPolicy>,
+    /// Shadow copies (fire and forget).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A destination of a route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedCluster {
+    /// Cluster name.
+    pub cluster: String,
+    /// Relative weight.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Header changes on requests sent here.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub request_headers: HeaderOps,
+    /// Header changes on responses from here.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub response_headers: HeaderOps,
+}
+
+/// Header manipulation.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderOps {
+    /// Replace (or add) these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// Append these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    /// Remove these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// Istio's `HTTPRewrite` / Gateway API's `URLRewrite`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rewrite {
+    /// Replaces the part of the path the route's `uri` match matched (the whole path for an
+    /// exact or regex match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Regex rewrite of the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_regex: Option<RegexRewrite>,
+    /// Replaces Host / `:authority`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+/// `uriRegexRewrite`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegexRewrite {
+    /// RE2 pattern.
+    pub pattern: String,
+    /// Replacement, with `\1` style groups.
+    pub rewrite: String,
+}
+
+/// `HTTPRedirect`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    /// New path (replacing the whole path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Replaces the matched prefix of the path (Gateway API `ReplacePrefixMatch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// New authority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// New scheme.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// New port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Status code (301 by default).
+    #[serde(default = "default_redirect_code")]
+    pub code: u16,
+}
+
+fn default_redirect_code() -> u16 {
+    301
+}
+
+/// `HTTPDirectResponse`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectResponse {
+    /// Status code.
+    pub status: u16,
+    /// Body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// `HTTPRetry`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Retries after the first try (Istio's `attempts`).
+    pub attempts: u32,
+    /// Timeout of each try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    /// Envoy's conditions: `5xx`, `gateway-error`, `reset`, `connect-failure`,
+    /// `retriable-4xx`, `refused-stream`, `retriable-status-codes`, and the gRPC ones
+    /// `cancelled`, `deadline-exceeded`, `resource-exhausted`, `unavailable`.
+    #[serde(default)]
+    pub retry_on: Vec<String>,
+    /// Codes for `retriable-status-codes` (numbers in `retryOn`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriable_status_codes: Vec<u16>,
+}
+
+/// `HTTPFaultInjection`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fault {
+    /// Delay before forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// Answer with an error instead of forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// A delay fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// Delay.
+    pub fixed_delay_ms: u64,
+    /// Share of requests delayed, percent.
+    #[serde(default = "hundred")]
+    pub percentage: f64,
+}
+
+/// An abort fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// HTTP status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// gRPC status name (`UNAVAILABLE`) or number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<String>,
+    /// Share of requests aborted, percent.
+    #[serde(default = "hundred")]
+    pub percentage: f64,
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+
+/// A shadow destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mirror {
+    /// Cluster receiving copies.
+    pub cluster: String,
+    /// Share of requests copied, percent.
+    #[serde(default = "hundred")]
+    pub percentage: f64,
+}
+
+/// `CorsPolicy`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CorsPolicy {
+    /// Allowed origins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_origins: Vec<StringMatch>,
+    /// Allowed methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_methods: Vec<String>,
+    /// Allowed request headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_headers: Vec<String>,
+    /// Headers the browser may read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose_headers: Vec<String>,
+    /// Preflight cache time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_secs: Option<u64>,
+    /// `Access-Control-Allow-Credentials`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_credentials: Option<bool>,
+}
+
+/// A TCP or TLS route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRoute {
+    /// Any of these; empty matches every connection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<TcpMatch>,
+    /// Clusters with relative weights.
+    pub destinations: Vec<WeightedCluster>,
+}
+
+/// A connection match.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpMatch {
+    /// Port the client connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// SNI of the app's TLS ClientHello (`*.example.com` wildcards).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni_hosts: Vec<String>,
+    /// The original destination is in one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<ipnet::IpNet>,
 }
 
 impl Cluster {
@@ -292,6 +845,24 @@ pub struct UpstreamTls {
     /// Mode.
     #[serde(default)]
     pub mode: UpstreamTlsMode,
+    /// SNI for SIMPLE / MUTUAL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// PEM of the CAs trusted for SIMPLE / MUTUAL (path or inline PEM); absent: the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    /// Client certificate chain (MUTUAL), path or inline PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    /// Client key (MUTUAL), path or inline PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// Names the server certificate must carry (DNS or URI SAN); empty: the SNI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// Skip server verification (DestinationRule `insecureSkipVerify`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
 }
 
 /// Istio's `ClientTLSSettings.TLSmode`, plus the automatic default.
@@ -305,6 +876,10 @@ pub enum UpstreamTlsMode {
     IstioMutual,
     /// Plaintext.
     Disable,
+    /// TLS to a server outside the mesh (DestinationRule `SIMPLE`).
+    Simple,
+    /// Mutual TLS with the given client certificate (DestinationRule `MUTUAL`).
+    Mutual,
 }
 
 /// How a workload accepts traffic.
@@ -386,6 +961,26 @@ impl ConfigError {
 }
 
 impl Snapshot {
+    /// Parses a snapshot from YAML or JSON text. Enums are single-key maps in both
+    /// (`{exact: jason}`, `{forward: {...}}`); errors name the offending field.
+    pub fn from_yaml(text: &str) -> Result<Snapshot, ConfigError> {
+        let value: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| {
+            ConfigError::new(
+                e.location()
+                    .map(|l| format!("line {} column {}", l.line(), l.column()))
+                    .unwrap_or_else(|| "document".into()),
+                e.to_string(),
+            )
+        })?;
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::new(
+                if path == "." { "snapshot".into() } else { path },
+                e.inner().to_string(),
+            )
+        })
+    }
+
     /// Checks the rules serde cannot: unique names, references that resolve, ports in range,
     /// identities that are SPIFFE IDs. A proxy refuses a snapshot that fails and keeps its last
     /// good one.
@@ -445,6 +1040,47 @@ impl Snapshot {
                         format!("no cluster named {cluster:?}"),
                     ));
                 }
+                for (k, r) in p.http_routes.iter().enumerate() {
+                    let field = format!("{field}.httpRoutes[{k}]");
+                    let destinations: &[WeightedCluster] = match &r.action {
+                        HttpAction::Forward(f) => {
+                            if f.destinations.is_empty() {
+                                return Err(ConfigError::new(
+                                    format!("{field}.action.forward.destinations"),
+                                    "is empty",
+                                ));
+                            }
+                            for (m, mirror) in f.mirrors.iter().enumerate() {
+                                if !clusters.contains(mirror.cluster.as_str()) {
+                                    return Err(ConfigError::new(
+                                        format!("{field}.action.forward.mirrors[{m}].cluster"),
+                                        format!("no cluster named {:?}", mirror.cluster),
+                                    ));
+                                }
+                            }
+                            &f.destinations
+                        }
+                        _ => &[],
+                    };
+                    for (d, dest) in destinations.iter().enumerate() {
+                        if !clusters.contains(dest.cluster.as_str()) {
+                            return Err(ConfigError::new(
+                                format!("{field}.action.forward.destinations[{d}].cluster"),
+                                format!("no cluster named {:?}", dest.cluster),
+                            ));
+                        }
+                    }
+                }
+                for (k, r) in p.tcp_routes.iter().enumerate() {
+                    for (d, dest) in r.destinations.iter().enumerate() {
+                        if !clusters.contains(dest.cluster.as_str()) {
+                            return Err(ConfigError::new(
+                                format!("{field}.tcpRoutes[{k}].destinations[{d}].cluster"),
+                                format!("no cluster named {:?}", dest.cluster),
+                            ));
+                        }
+                    }
+                }
                 for vip in &s.vips {
                     if !listeners.insert((*vip, p.port)) {
                         return Err(ConfigError::new(
@@ -492,7 +1128,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Snapshot {
-        serde_yaml_ng::from_str(
+        Snapshot::from_yaml(
             r#"
 version: "1"
 workload: {name: service-a, namespace: genesis, serviceAccount: service-a}
@@ -565,6 +1201,53 @@ inbound:
                 .reason
                 .contains("claimed by two")
         );
+    }
+
+    #[test]
+    fn routes_parse_and_validate() {
+        let mut s = sample();
+        let port: ServicePort = serde_json::from_value(
+            serde_yaml_ng::from_str::<serde_json::Value>(
+                r#"
+port: 8080
+protocol: http
+httpRoutes:
+- name: v2-for-testers
+  matches: [{headers: [{name: end-user, value: {exact: jason}}]}]
+  action:
+    forward:
+      destinations: [{cluster: "outbound|8080||service-b.genesis.svc.cluster.local", weight: 90}]
+      retries: {attempts: 3, perTryTimeoutMs: 200, retryOn: [5xx, connect-failure]}
+      timeoutMs: 1000
+- action: {redirect: {uri: /new, code: 302}}
+- action: {directResponse: {status: 503, body: down}}
+"#,
+            )
+            .expect("yaml"),
+        )
+        .expect("routes parse");
+        assert_eq!(port.http_routes.len(), 3);
+        assert!(matches!(&port.http_routes[1].action, HttpAction::Redirect(r) if r.code == 302));
+        s.services[0].ports = vec![port];
+        s.validate().expect("valid");
+        let json = serde_json::to_string(&s).expect("json");
+        assert_eq!(serde_json::from_str::<Snapshot>(&json).expect("back"), s);
+        if let HttpAction::Forward(f) = &mut s.services[0].ports[0].http_routes[0].action {
+            f.destinations[0].cluster = "nowhere".into();
+        }
+        assert_eq!(
+            s.validate().expect_err("dangling").field,
+            "services[0].ports[0].httpRoutes[0].action.forward.destinations[0].cluster"
+        );
+    }
+
+    #[test]
+    fn yaml_errors_name_the_field() {
+        let e = Snapshot::from_yaml("services: [{hostname: x, ports: [{port: 99999}]}]")
+            .expect_err("port out of range");
+        assert_eq!(e.field, "services[0].ports[0].port", "{e}");
+        let e = Snapshot::from_yaml("services: {").expect_err("not yaml");
+        assert!(e.field.starts_with("line "), "{e}");
     }
 
     #[test]
