@@ -14,13 +14,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use weft_api::discovery::Node;
+
+use crate::ca::{self, CaClient};
 use crate::config::Settings;
+use crate::control::ControlPlane;
 use crate::drain::Drain;
 use crate::identity::{self, Identity};
 use crate::metrics::{Direction, DirectionLabels, Metrics, Proto, RequestLabels, UpdateLabels};
 use crate::pool::Pools;
 use crate::snapshot::{self, Config, FileStamp};
-use crate::{admin, inbound, outbound, socket};
+use crate::{admin, discovery, inbound, outbound, socket};
 
 /// State shared by every listener and connection.
 #[derive(Debug)]
@@ -115,7 +119,8 @@ impl Proxy {
             .observe(start.elapsed().as_secs_f64());
     }
 
-    fn reject(&self, error: &dyn std::fmt::Display) {
+    /// Counts and logs a refused config; the current one stays.
+    pub fn reject(&self, error: &dyn std::fmt::Display) {
         self.metrics
             .config_updates
             .get_or_create(&UpdateLabels {
@@ -130,12 +135,57 @@ impl Proxy {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let proxy = Proxy::new(settings);
     let ports = proxy.settings.ports.clone();
-    let config_file =
-        proxy.settings.config_file.clone().context(
-            "no --config FILE given (the control-plane source needs WEFT_CONTROL_PLANE)",
-        )?;
-    let mut sources = FileSources::new(config_file);
-    sources.reload(&proxy, true)?;
+    // Where config and identity come from: a static file (reloaded on change), or the
+    // control plane (CA and config stream) with only the bootstrap environment.
+    let mut file_sources = None;
+    let mut background = Vec::new();
+    match (&proxy.settings.config_file, &proxy.settings.control_plane) {
+        (Some(file), _) => {
+            let mut sources = FileSources::new(file.clone());
+            sources.reload(&proxy, true)?;
+            file_sources = Some(sources);
+        }
+        (None, Some(addr)) => {
+            let control_plane = ControlPlane::parse(addr)?;
+            let pod = &proxy.settings.pod;
+            anyhow::ensure!(
+                !pod.namespace.is_empty() && !pod.service_account.is_empty(),
+                "POD_NAMESPACE and SERVICE_ACCOUNT must be set to ask the CA for an identity"
+            );
+            let trust_domain = proxy
+                .settings
+                .trust_domain
+                .clone()
+                .unwrap_or_else(|| weft_api::config::DEFAULT_TRUST_DOMAIN.to_owned());
+            let client = CaClient {
+                control_plane: control_plane.clone(),
+                token_path: proxy.settings.token_path.clone(),
+                root_cert_path: proxy.settings.root_cert_path.clone(),
+                spiffe_id: weft_api::config::spiffe_id(
+                    &trust_domain,
+                    &pod.namespace,
+                    &pod.service_account,
+                ),
+                timeout: proxy.settings.connect_timeout,
+            };
+            let node = Node {
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                ip: pod.ip,
+                proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            };
+            info!(control_plane = %addr, identity = %client.spiffe_id, "bootstrapping from the control plane");
+            background.push(tokio::spawn(ca::run(proxy.clone(), client)));
+            background.push(tokio::spawn(discovery::run(
+                proxy.clone(),
+                control_plane,
+                node,
+            )));
+        }
+        (None, None) => anyhow::bail!(
+            "no config source: give --config FILE, or set WEFT_CONTROL_PLANE (with the token and root certificate)"
+        ),
+    }
 
     let outbound =
         socket::bind_dual(&Settings::capture_addrs(ports.outbound)).context("outbound listener")?;
@@ -164,10 +214,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             tokio::spawn(admin::serve(proxy.clone(), l, surface));
         }
     }
-    let watcher = tokio::spawn({
+    if let Some(sources) = file_sources {
         let proxy = proxy.clone();
-        async move { sources.watch(&proxy).await }
-    });
+        background.push(tokio::spawn(async move { sources.watch(&proxy).await }));
+    }
     info!(
         identity = proxy.identity.current().map(|c| c.identity().to_owned()),
         outbound = ports.outbound,
@@ -179,7 +229,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let deadline = proxy.settings.drain_duration;
     info!(?deadline, active = proxy.drain.active(), "draining");
     proxy.drain.start();
-    watcher.abort();
+    for task in background {
+        task.abort();
+    }
     let left = proxy.drain.wait(deadline).await;
     if left > 0 {
         warn!(left, "drain deadline passed with connections still open");

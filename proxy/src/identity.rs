@@ -77,6 +77,21 @@ impl Identity {
         self.current.load_full()
     }
 
+    /// Replaces the trusted roots, keeping the certificate (a new trust bundle from the
+    /// control plane). No-op when the roots are the same or there is no certificate yet.
+    pub fn update_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), IdentityError> {
+        let Some(current) = self.current() else {
+            return Ok(());
+        };
+        if current.roots() == roots.as_slice() || roots.is_empty() {
+            return Ok(());
+        }
+        let ctx = Arc::new(current.with_roots(roots)?);
+        tracing::info!(roots = ctx.roots().len(), "trust bundle updated");
+        self.current.store(Some(ctx));
+        Ok(())
+    }
+
     /// Installs new credentials; existing connections are unaffected.
     pub fn install(&self, creds: Credentials) -> Result<Arc<TlsContext>, IdentityError> {
         let ctx = Arc::new(TlsContext::new(creds)?);

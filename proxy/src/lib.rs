@@ -12,8 +12,11 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod config;
+pub mod control;
 pub mod detect;
+pub mod discovery;
 pub mod drain;
 pub mod http;
 pub mod identity;

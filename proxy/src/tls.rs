@@ -126,7 +126,9 @@ pub fn peer_identity(state: &rustls::CommonState) -> Option<PeerIdentity> {
 #[derive(Debug)]
 pub struct TlsContext {
     identity: String,
+    not_before: SystemTime,
     not_after: SystemTime,
+    roots: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     anchors: Arc<[TrustAnchor<'static>]>,
@@ -169,7 +171,9 @@ impl TlsContext {
         server.alpn_protocols = MESH_ALPNS.iter().map(|p| p.to_vec()).collect();
         Ok(Self {
             identity,
+            not_before: info.not_before,
             not_after: info.not_after,
+            roots: creds.roots,
             chain: creds.chain,
             key: creds.key,
             anchors: anchors.into(),
@@ -187,6 +191,30 @@ impl TlsContext {
     /// When the workload certificate expires.
     pub fn not_after(&self) -> SystemTime {
         self.not_after
+    }
+
+    /// When the workload certificate became valid.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// The trusted roots.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// The certificate chain and a copy of the key, to present to the control plane.
+    pub fn client_credentials(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (self.chain.clone(), self.key.clone_key())
+    }
+
+    /// The same certificate with another set of trusted roots (a root rotation).
+    pub fn with_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<TlsContext, TlsError> {
+        TlsContext::new(Credentials {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            roots,
+        })
     }
 
     /// The leaf certificate.
