@@ -10,6 +10,7 @@
 //! Nothing is added to the machine's own network namespace, and everything is removed on
 //! drop (also on panic), with a sweep of what a killed run left behind at the next start.
 
+pub mod admission;
 mod certs;
 pub mod fixtures;
 pub mod mesh;
@@ -70,6 +71,21 @@ pub struct NodeOptions {
     pub config_poll: Duration,
     /// Extra environment for every `weft-proxy` container (e.g. `WEFT_LOG_LEVEL`).
     pub proxy_env: Vec<(String, String)>,
+    /// Run `weft-webhook` and send pods of namespaces labelled `istio-injection=enabled`
+    /// through it; the mesh config file it gets.
+    pub webhook: Option<String>,
+}
+
+impl NodeOptions {
+    /// Options with the injection webhook, native sidecars on or off in its mesh config.
+    pub fn with_webhook(native_sidecars: bool) -> NodeOptions {
+        NodeOptions {
+            webhook: Some(format!(
+                "controlPlaneAddress: 10.44.0.1:15012\nnativeSidecar: \"{native_sidecars}\"\nterminationDrainDuration: 5s\n"
+            )),
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for NodeOptions {
@@ -78,6 +94,7 @@ impl Default for NodeOptions {
             detect_timeout: Duration::from_millis(500),
             config_poll: Duration::from_millis(100),
             proxy_env: vec![("WEFT_LOG_LEVEL".into(), "info".into())],
+            webhook: None,
         }
     }
 }
@@ -129,6 +146,7 @@ struct State {
     services: Vec<(Service, Vec<IpAddr>)>,
     pods: Vec<PodRun>,
     peer_auths: Vec<PeerAuth>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
     version: u64,
 }
 
@@ -144,6 +162,7 @@ pub struct LocalNode {
     trust_domain: String,
     options: NodeOptions,
     state: Mutex<State>,
+    webhook: Mutex<Option<admission::Webhook>>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -203,11 +222,17 @@ impl LocalNode {
                 next_vip: 10,
                 ..Default::default()
             }),
+            webhook: Mutex::new(None),
         };
         // From here on, Drop cleans up whatever was created.
         fs::create_dir_all(&cgroup)
             .with_context(|| format!("create cgroup {}", cgroup.display()))?;
         network::create_node(&ns)?;
+        if let Some(mesh) = &node.options.webhook {
+            binaries::path("weft-webhook")?;
+            let webhook = admission::Webhook::start(&node.bins, &ns, node.dir.path(), mesh, &[])?;
+            *node.webhook.lock().unwrap_or_else(|p| p.into_inner()) = Some(webhook);
+        }
         tracing::info!(node = %node.id, "local node started");
         Ok(node)
     }
@@ -257,7 +282,22 @@ impl LocalNode {
                 "PeerAuthentication" => {
                     self.set_peer_authentication(PeerAuth::from_value(&value)?)?
                 }
-                "Namespace" | "ServiceAccount" | "ConfigMap" => {}
+                "Namespace" => {
+                    let name = value["metadata"]["name"]
+                        .as_str()
+                        .context("Namespace without a name")?
+                        .to_owned();
+                    let labels = value["metadata"]["labels"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    self.state().namespaces.insert(name, labels);
+                }
+                "ServiceAccount" | "ConfigMap" => {}
                 other => bail!("document {i}: the local node does not run kind {other:?}"),
             }
         }
@@ -298,10 +338,54 @@ impl LocalNode {
         self.refresh_configs(&mut st)
     }
 
-    /// Creates a pod and runs it: network, volumes, init containers in order, native sidecars
-    /// until they are started, containers with their postStart hooks, then waits until every
-    /// readiness probe passes.
-    pub fn run_pod(&self, mut pod: Pod) -> anyhow::Result<PodRef> {
+    /// Sets a label on a namespace (`istio-injection=enabled` turns on injection there).
+    pub fn label_namespace(&self, namespace: &str, key: &str, value: &str) {
+        self.state()
+            .namespaces
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(key.to_owned(), value.to_owned());
+    }
+
+    /// What the API server does before storing a pod: when the webhook runs and the pod's
+    /// namespace is labelled `istio-injection=enabled` (or the pod
+    /// `sidecar.istio.io/inject=true`), the webhook's patch. Returns the webhook's warnings.
+    pub fn admit(&self, pod: Pod) -> anyhow::Result<(Pod, Vec<String>)> {
+        let guard = self.webhook.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(webhook) = guard.as_ref() else {
+            return Ok((pod, Vec::new()));
+        };
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let ns_enabled = self
+            .state()
+            .namespaces
+            .get(&ns)
+            .and_then(|l| l.get("istio-injection"))
+            .is_some_and(|v| v == "enabled");
+        let pod_enabled = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("sidecar.istio.io/inject"))
+            .is_some_and(|v| v == "true");
+        if !(ns_enabled || pod_enabled) {
+            return Ok((pod, Vec::new()));
+        }
+        webhook.mutate(&pod)
+    }
+
+    /// Creates a pod and runs it: admission (the injection webhook when enabled), network,
+    /// volumes, init containers in order, native sidecars until they are started, containers
+    /// with their postStart hooks, then waits until every readiness probe passes.
+    pub fn run_pod(&self, pod: Pod) -> anyhow::Result<PodRef> {
+        let (mut pod, warnings) = self.admit(pod)?;
+        for w in warnings {
+            tracing::info!(warning = %w, "admission warning");
+        }
         let ns = pod
             .metadata
             .namespace
@@ -476,6 +560,21 @@ impl LocalNode {
         Ok(f(p))
     }
 
+    /// A pod's init container and container names, in order, as it runs.
+    pub fn pod_containers(&self, r: &PodRef) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        self.with_pod(r, |p| {
+            let spec = p.pod.spec.clone().unwrap_or_default();
+            (
+                spec.init_containers
+                    .iter()
+                    .flatten()
+                    .map(|c| c.name.clone())
+                    .collect(),
+                spec.containers.iter().map(|c| c.name.clone()).collect(),
+            )
+        })
+    }
+
     /// Finds a running pod by namespace and name.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<PodRef> {
         self.state()
@@ -528,8 +627,9 @@ impl LocalNode {
         cgroup: &Path,
         argv_override: Option<Vec<String>>,
     ) -> anyhow::Result<ExecSpec> {
+        // The Weft binaries stand for the container images: a shell in a container finds them.
         let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), PATH.into()),
+            ("PATH".into(), format!("{}:{PATH}", self.bins.display())),
             ("HOME".into(), "/".into()),
             ("HOSTNAME".into(), r.name.clone()),
         ];
@@ -812,6 +912,64 @@ impl LocalNode {
         out
     }
 
+    /// Waits until a pod's regular containers have all exited (a Job's pod), then stops its
+    /// native sidecars as the kubelet does. Returns every container's exit status.
+    pub fn wait_completed(
+        &self,
+        r: &PodRef,
+        timeout: Duration,
+    ) -> anyhow::Result<BTreeMap<String, ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running: Vec<String> = self.with_pod(r, |p| {
+                p.procs
+                    .iter_mut()
+                    .filter(|c| matches!(c.role, Role::Main))
+                    .filter_map(|c| {
+                        if c.exited.is_none() {
+                            c.exited = c.child.try_wait().ok().flatten();
+                        }
+                        c.exited.is_none().then(|| c.container.clone())
+                    })
+                    .collect()
+            })?;
+            if running.is_empty() {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not complete: still running {running:?}",
+                r.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sidecars: Vec<String> = self.with_pod(r, |p| {
+            p.procs
+                .iter()
+                .filter(|c| matches!(c.role, Role::Sidecar) && c.exited.is_none())
+                .map(|c| c.container.clone())
+                .collect()
+        })?;
+        for c in &sidecars {
+            let _ = self.signal(r, c, Signal::SIGTERM);
+        }
+        for c in &sidecars {
+            self.wait_exit(
+                r,
+                c,
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_secs(1)),
+            )?;
+        }
+        self.with_pod(r, |p| {
+            p.procs
+                .iter()
+                .filter_map(|c| Some((c.container.clone(), c.exited?)))
+                .collect()
+        })
+    }
+
     /// Deletes a pod the way the kubelet does: regular containers get SIGTERM first, native
     /// sidecars after them; whatever is left after `grace` is killed.
     pub fn delete_pod(&self, r: &PodRef, grace: Duration) -> anyhow::Result<()> {
@@ -995,7 +1153,7 @@ impl LocalNode {
             let pods: Vec<PodRef> = st
                 .pods
                 .iter()
-                .filter(|p| p.meshed && p.procs.iter().any(|c| c.exited.is_none()))
+                .filter(|p| p.meshed)
                 .map(|p| p.r.clone())
                 .collect();
             (st.version, pods)
@@ -1003,6 +1161,10 @@ impl LocalNode {
         let deadline = Instant::now() + timeout;
         for r in pods {
             loop {
+                if !self.proxy_running(&r) {
+                    // A proxy that has exited (a finished Job) has nothing to apply.
+                    break;
+                }
                 let seen = self
                     .http_get(
                         IpAddr::V4(r.ip),
@@ -1025,6 +1187,19 @@ impl LocalNode {
             }
         }
         Ok(())
+    }
+
+    /// True while the pod's `weft-proxy` process runs.
+    fn proxy_running(&self, r: &PodRef) -> bool {
+        self.with_pod(r, |p| {
+            p.procs.iter_mut().any(|c| {
+                if c.container == "weft-proxy" && c.exited.is_none() {
+                    c.exited = c.child.try_wait().ok().flatten();
+                }
+                c.container == "weft-proxy" && c.exited.is_none()
+            })
+        })
+        .unwrap_or(false)
     }
 
     fn wait_probe(

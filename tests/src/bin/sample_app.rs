@@ -112,6 +112,12 @@ enum Command {
         #[arg(long, default_value = "15s", value_parser = humantime_duration)]
         timeout: Duration,
     },
+    /// `POST /quitquitquit` to the sidecar's status port: the Job pattern in classic mode
+    /// (the app's last step tells the proxy it is done).
+    Quit {
+        #[arg(long, default_value = "http://127.0.0.1:15020/quitquitquit")]
+        url: String,
+    },
     /// Fixed-rate HTTP load; prints a LoadReport.
     Load {
         url: String,
@@ -171,6 +177,17 @@ fn main() -> anyhow::Result<()> {
                 &http_client(&url, h2, count, concurrency, &headers, body, keep, timeout).await?,
             ),
             Command::Grpc { url, stream } => print(&grpc_client(&url, stream).await),
+            Command::Quit { url } => {
+                let uri: http::Uri = url.parse().with_context(|| format!("url {url:?}"))?;
+                let req = Request::post(uri).body(Full::new(Bytes::new()))?;
+                let resp = http_client_for(false).request(req).await?;
+                anyhow::ensure!(
+                    resp.status().is_success(),
+                    "quitquitquit answered {}",
+                    resp.status()
+                );
+                Ok(())
+            }
             Command::Ws { url, messages } => print(&ws_client(&url, messages).await),
             Command::Tcp {
                 addr,
