@@ -2,6 +2,7 @@
 //! README's two commands work on a fresh machine of this kind, as root.
 
 mod deps;
+mod kind;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         Some("lint") => lint(&root),
         Some("crds") => crds(&root),
         Some("bench") => bench(&root, &args[1..]),
-        Some("kind-e2e") => kind_e2e(&root),
+        Some("kind-e2e") => kind_e2e(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -46,7 +47,12 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
 }
 
 /// Runs a command in the workspace, echoing it; fails when it fails.
-pub fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+pub(crate) fn run(
+    root: &Path,
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<()> {
     println!("$ {program} {}", args.join(" "));
     let status = Command::new(program)
         .args(args)
@@ -60,7 +66,7 @@ pub fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> a
     Ok(())
 }
 
-fn cargo() -> String {
+pub(crate) fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
 
@@ -160,16 +166,6 @@ fn bench(root: &Path, _extra: &[String]) -> anyhow::Result<()> {
     )
 }
 
-fn kind_e2e(root: &Path) -> anyhow::Result<()> {
-    for tool in ["docker", "kind", "kubectl"] {
-        if Command::new(tool).arg("version").output().is_err() {
-            bail!("kind-e2e needs {tool} on PATH (and a running Docker engine)");
-        }
-    }
-    run(
-        root,
-        &cargo(),
-        &["test", "-p", "weft-webhook", "--features", "kind", "--test", "cluster"],
-        &[],
-    )
+fn kind_e2e(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    kind::e2e(root, extra.iter().any(|a| a == "--keep"))
 }
