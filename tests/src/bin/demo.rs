@@ -125,19 +125,14 @@ fn run(node: &Mutex<Option<LocalNode>>) -> anyhow::Result<()> {
         t.sent, t.received, t.identical, t.error
     );
 
-    step("service-b's sidecar metrics (weft_requests_total)");
-    let (_, _) = node.http_get(std::net::IpAddr::V4(b.ip), 15090, "/stats/prometheus")?;
-    let metrics = node.exec(
-        &b,
-        Some("app"),
-        &[
-            "weft-sample-app",
-            "http",
-            "http://127.0.0.1:15090/stats/prometheus",
-            "--keep",
-            "0",
-        ],
-    )?;
-    let _ = metrics;
+    step("service-b's sidecar metrics (from :15090/stats/prometheus)");
+    let metrics = node.proxy_metrics(&b)?;
+    for line in metrics.lines().filter(|l| {
+        (l.starts_with("weft_requests_total") || l.starts_with("weft_connections_total"))
+            && l.contains("direction=\"inbound\"")
+            && l.contains("mtls=\"true\"")
+    }) {
+        println!("    {line}");
+    }
     Ok(())
 }
