@@ -2,6 +2,7 @@
 //! ([`weft_api::redirect::InitArgs::to_args`]), parsed with the contract's own list parsers,
 //! plus local options (`--dry-run`, the binaries to run) that the injector never sets.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +34,9 @@ pub enum Command {
     Init(InitCommand),
     /// Remove Weft's chains and the jumps to them, and nothing else.
     Cleanup(CleanupCommand),
+    /// Run the eBPF node agent (the DaemonSet): load and attach the programs, keep the maps
+    /// equal to the meshed pods.
+    Node(NodeCommand),
 }
 
 /// `weft-redirector init`.
@@ -44,9 +48,76 @@ pub struct InitCommand {
     /// Print the iptables-restore input of each family and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// eBPF mode: how long to wait for the node agent to take the pod, in seconds.
+    #[arg(long, value_name = "SECONDS", env = crate::ebpf::ENV_VERIFY_TIMEOUT, default_value_t = 60)]
+    pub ebpf_timeout: u64,
     /// The binaries to run.
     #[command(flatten)]
     pub binaries: BinaryFlags,
+}
+
+/// `weft-redirector node`.
+#[derive(Debug, Args)]
+pub struct NodeCommand {
+    /// The eBPF object (default: `weft-ebpf.o` beside this executable).
+    #[arg(long, value_name = "PATH", env = crate::node::bpf::ENV_BPF_OBJECT)]
+    pub bpf_object: Option<PathBuf>,
+    /// Name of this agent's instance; its pins live in `/sys/fs/bpf/weft/<instance>`.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub instance: String,
+    /// Directory of the pins (overrides `--instance`); must be on bpffs.
+    #[arg(long, value_name = "DIR")]
+    pub bpffs: Option<PathBuf>,
+    /// cgroup v2 directory the programs attach to: processes in it and below are redirected
+    /// when their pod is meshed (a local node's subtree; Kubernetes' kubepods cgroup).
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// Local node: directory of pod files (`<namespace>_<name>.json`).
+    #[arg(long, value_name = "DIR", conflicts_with = "node_name")]
+    pub pods_dir: Option<PathBuf>,
+    /// Kubernetes: this node's name; the pods scheduled on it are watched.
+    #[arg(long, value_name = "NAME", env = "WEFT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Address serving `/healthz` and `/metrics`.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15014")]
+    pub listen: SocketAddr,
+    /// Which app↔proxy bytes `sk_msg` moves socket to socket: `to-proxy` (the default), `both`
+    /// (also towards apps: faster, but an app reading with splice(2), as Go's io.Copy between
+    /// TCP connections does, would not see them), or `off`.
+    #[arg(long, value_name = "WHICH", value_enum, default_value_t = ShortCircuit::ToProxy)]
+    pub short_circuit: ShortCircuit,
+    /// How often the pods directory is read, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub poll_ms: u64,
+    /// Report which hooks this kernel supports and exit (non-zero when one is missing).
+    #[arg(long, conflicts_with = "uninstall")]
+    pub check: bool,
+    /// Detach the programs and remove this instance's pins, then exit.
+    #[arg(long)]
+    pub uninstall: bool,
+}
+
+/// `weft-redirector node --short-circuit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShortCircuit {
+    /// Every byte takes the TCP path.
+    Off,
+    /// The app's bytes go straight to its proxy.
+    ToProxy,
+    /// Both directions.
+    Both,
+}
+
+impl ShortCircuit {
+    /// The pod flags that say so.
+    pub fn flags(self) -> u32 {
+        use weft_ebpf_maps::pod_flags;
+        match self {
+            ShortCircuit::Off => 0,
+            ShortCircuit::ToProxy => pod_flags::SHORT_CIRCUIT_TO_PROXY,
+            ShortCircuit::Both => pod_flags::SHORT_CIRCUIT,
+        }
+    }
 }
 
 /// `weft-redirector cleanup`.
@@ -207,7 +278,7 @@ mod tests {
             .chain(flags.iter().cloned());
         match Cli::try_parse_from(argv)?.command {
             Command::Init(init) => Ok(init.redirect.to_init_args()),
-            Command::Cleanup(_) => panic!("parsed as cleanup"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 
@@ -288,6 +359,28 @@ mod tests {
             assert!(msg.contains(name), "{flag}: {msg}");
             assert!(msg.contains(needle), "{flag}: {msg}");
         }
+    }
+
+    #[test]
+    fn node_flags() {
+        let cli = Cli::try_parse_from([
+            "weft-redirector",
+            "node",
+            "--pods-dir=/run/pods",
+            "--cgroup-root=/sys/fs/cgroup/unified/weft/n1",
+            "--instance=n1",
+            "--listen=127.0.0.1:0",
+        ])
+        .expect("parse");
+        let Command::Node(n) = cli.command else {
+            panic!("not node")
+        };
+        assert_eq!(n.layout().root, PathBuf::from("/sys/fs/bpf/weft/n1"));
+        assert_eq!(n.pods_dir, Some(PathBuf::from("/run/pods")));
+        assert!(!n.check && !n.uninstall);
+        let both =
+            Cli::try_parse_from(["weft-redirector", "node", "--pods-dir=/x", "--node-name=n"]);
+        assert!(both.is_err(), "one pod source at a time");
     }
 
     #[test]

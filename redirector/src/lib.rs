@@ -6,12 +6,15 @@
 //! - [`state`]: Weft's part of the current rule set, read from `iptables-save`, and its removal.
 //! - [`apply`]: the thin adapter that runs the save and restore binaries.
 //! - [`loopback`]: the IPv6 inbound passthrough source `::6` on `lo`.
-//! - [`ebpf`]: the eBPF mode check (handled by the node agent; not in this build).
-#![forbid(unsafe_code)]
+//! - [`ebpf`]: the init step in eBPF mode: checks that the node agent has taken the pod.
+//! - [`node`]: the eBPF node agent (`weft-redirector node`).
+// `deny`, not `forbid`: two `bpf(2)` calls in `node::bpf::sys` need it, and say why.
+#![deny(unsafe_code)]
 
 pub mod apply;
 pub mod cli;
 pub mod ebpf;
 pub mod iptables;
 pub mod loopback;
+pub mod node;
 pub mod state;

@@ -1,5 +1,6 @@
 //! `weft-redirector`: `init` installs the redirect rules in the current network namespace (the
-//! injected init step), `cleanup` removes them.
+//! injected init step; in eBPF mode it checks the node agent took the pod), `cleanup` removes
+//! them, `node` runs the eBPF node agent.
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal as _;
@@ -10,8 +11,8 @@ use clap::Parser as _;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 use weft_api::redirect::InterceptionMode;
-use weft_redirector::cli::{CleanupCommand, Cli, Command, InitCommand};
-use weft_redirector::{apply, ebpf, iptables};
+use weft_redirector::cli::{CleanupCommand, Cli, Command, InitCommand, NodeCommand};
+use weft_redirector::{apply, ebpf, iptables, node};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,7 +30,27 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init(init) => run_init(&init),
         Command::Cleanup(cleanup) => run_cleanup(&cleanup),
+        Command::Node(cmd) => run_node(&cmd),
     }
+}
+
+fn run_node(cmd: &NodeCommand) -> anyhow::Result<()> {
+    if cmd.uninstall {
+        let n = node::uninstall(cmd).context("uninstalling")?;
+        println!("removed {n} pins from {}", cmd.layout().root.display());
+        return Ok(());
+    }
+    if cmd.check {
+        let hooks = node::check(cmd)?;
+        for h in &hooks {
+            match &h.result {
+                Ok(()) => println!("ok       {}", h.name),
+                Err(why) => println!("MISSING  {}: {why}", h.name),
+            }
+        }
+        return Ok(node::require(&hooks)?);
+    }
+    Ok(node::run(cmd)?)
 }
 
 fn run_init(cmd: &InitCommand) -> anyhow::Result<()> {
@@ -43,7 +64,10 @@ fn run_init(cmd: &InitCommand) -> anyhow::Result<()> {
         InterceptionMode::Redirect => {
             apply::init(&args, &cmd.binaries.tools()).context("installing redirect rules")
         }
-        InterceptionMode::Ebpf => Ok(ebpf::verify(&args)?),
+        InterceptionMode::Ebpf => Ok(ebpf::verify(
+            &args,
+            std::time::Duration::from_secs(cmd.ebpf_timeout),
+        )?),
         InterceptionMode::None => {
             info!("interception mode none: nothing to install");
             Ok(())

@@ -87,9 +87,19 @@ fn binaries_can_be_set_from_the_environment() {
 }
 
 #[test]
-fn ebpf_mode_is_not_available() {
-    let out = redirector(&["init", "--mode=ebpf"]);
-    assert_fails(&out, 1, &["eBPF mode is verified by the node agent"]);
+fn ebpf_mode_fails_clearly_without_the_node_agent() {
+    // No agent has taken this process: the probe is not redirected (and, with SO_DONTROUTE,
+    // sends nothing), and the step says what is missing once its timeout is over.
+    let out = redirector(&["init", "--mode=ebpf", "--ebpf-timeout=1"]);
+    assert_fails(
+        &out,
+        1,
+        &[
+            "node agent has not taken this pod",
+            "weft-redirector node",
+            "interceptionMode: REDIRECT",
+        ],
+    );
     assert!(out.stdout.is_empty());
 }
 

@@ -663,7 +663,7 @@ impl LocalNode {
                 a
             }
         };
-        if is_proxy && argv.len() >= 1 && !argv.iter().any(|a| a == "wait") {
+        if is_proxy && !argv.is_empty() && !argv.iter().any(|a| a == "wait") {
             // Static config source of the local node (replaced by the control plane stream).
             argv.push(format!(
                 "--config={}",

@@ -2,6 +2,7 @@
 //! README's two commands work on a fresh machine of this kind, as root.
 
 mod deps;
+mod ebpf;
 mod kind;
 
 use std::path::{Path, PathBuf};
@@ -96,6 +97,7 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     require_root("test")?;
     deps::ensure(&deps::TEST)?;
     let bins = build_bins(root, false)?;
+    ebpf::build(root, &bins)?;
     let bin_dir = bins.display().to_string();
     let mut args = vec![
         "test",
@@ -113,6 +115,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     require_root("demo")?;
     deps::ensure(&deps::DEMO)?;
     let bins = build_bins(root, false)?;
+    ebpf::build(root, &bins)?;
     let demo = bins.join("weft-demo");
     run(root, &demo.display().to_string(), &[], &[])
 }
@@ -157,6 +160,7 @@ fn bench(root: &Path, _extra: &[String]) -> anyhow::Result<()> {
     require_root("bench")?;
     deps::ensure(&deps::BENCH)?;
     let bins = build_bins(root, true)?;
+    ebpf::build(root, &bins)?;
     let bench = bins.join("weft-bench");
     run(
         root,
