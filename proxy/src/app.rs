@@ -81,6 +81,8 @@ impl Proxy {
                     .map(|e| SocketAddr::new(e.address, e.port))
             })
             .collect();
+        // Endpoint load, outlier state and circuit-breaker counters carry over.
+        config.inherit_state(&self.config.load());
         self.config.store(Arc::new(config));
         // Connections to endpoints that left the config close once their streams end.
         self.pools

@@ -83,6 +83,82 @@ pub fn error_response(status: StatusCode, grpc: bool, message: &str) -> Response
     resp
 }
 
+/// A 503 for a request a circuit breaker refused, marked as Envoy marks it.
+pub fn overloaded_response(grpc: bool, what: &str) -> Response<Body> {
+    let mut r = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        grpc,
+        &format!("upstream overflow: {what}"),
+    );
+    r.headers_mut()
+        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    r
+}
+
+/// The error a response body ends with when the route timeout passes mid-body.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream response timeout")]
+pub struct BodyTimeout;
+
+pin_project_lite::pin_project! {
+    /// A response body that holds `guard` (in-flight counters, connection permits) until it
+    /// ends or is dropped, and fails once `deadline` passes.
+    pub struct Guarded {
+        #[pin]
+        inner: Body,
+        guard: Option<Box<dyn Send>>,
+        deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+/// Wraps `body` so that `guard` lives until the body ends, and the body fails at `deadline`.
+pub fn guarded(body: Body, guard: Box<dyn Send>, deadline: Option<tokio::time::Instant>) -> Body {
+    if http_body::Body::is_end_stream(&body) {
+        drop(guard);
+        return body;
+    }
+    Guarded {
+        inner: body,
+        guard: Some(guard),
+        deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+    }
+    .boxed_unsync()
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.project();
+        if let Some(d) = this.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            *this.guard = None;
+            *this.deadline = None;
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+        }
+        let r = this.inner.poll_frame(cx);
+        match &r {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => *this.guard = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// True for a gRPC request.
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()

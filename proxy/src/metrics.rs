@@ -122,6 +122,22 @@ pub struct UpdateLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of per-cluster traffic-management counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterEventLabels {
+    /// Cluster name (bounded by the config).
+    pub cluster: String,
+    /// What happened (a fixed set per metric).
+    pub kind: &'static str,
+}
+
+/// Labels of counters that only carry a fixed kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// What happened.
+    pub kind: &'static str,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -140,6 +156,17 @@ pub struct Metrics {
     pub tcp_sent_bytes: Family<DirectionLabels, Counter>,
     /// Config snapshots accepted or rejected.
     pub config_updates: Family<UpdateLabels, Counter>,
+    /// Requests and connections refused by circuit breakers, by cluster and limit.
+    pub upstream_overflow: Family<ClusterEventLabels, Counter>,
+    /// Retries by cluster and outcome (`retried`, `success`, `budget_exhausted`,
+    /// `attempts_exhausted`).
+    pub upstream_retries: Family<ClusterEventLabels, Counter>,
+    /// Outlier ejections by cluster (`kind` is `ejected`).
+    pub outlier_ejections: Family<ClusterEventLabels, Counter>,
+    /// Shadow requests by outcome (`sent`, `failed`, `skipped_body`, `skipped_overflow`).
+    pub mirror_requests: Family<KindLabels, Counter>,
+    /// Injected faults by kind (`delay`, `abort`).
+    pub faults: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -196,8 +223,39 @@ impl Metrics {
             "Config snapshots accepted or rejected",
             config_updates.clone(),
         );
+        let upstream_overflow = Family::<ClusterEventLabels, Counter>::default();
+        registry.register(
+            "upstream_overflow",
+            "Requests and connections refused by a cluster's circuit breaker, by limit",
+            upstream_overflow.clone(),
+        );
+        let upstream_retries = Family::<ClusterEventLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Retries to a cluster, by outcome",
+            upstream_retries.clone(),
+        );
+        let outlier_ejections = Family::<ClusterEventLabels, Counter>::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            outlier_ejections.clone(),
+        );
+        let mirror_requests = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "mirror_requests",
+            "Shadow requests, by outcome",
+            mirror_requests.clone(),
+        );
+        let faults = Family::<KindLabels, Counter>::default();
+        registry.register("faults", "Injected faults, by kind", faults.clone());
         Self {
             registry,
+            upstream_overflow,
+            upstream_retries,
+            outlier_ejections,
+            mirror_requests,
+            faults,
             connections,
             connections_active,
             requests,
@@ -218,6 +276,25 @@ impl Metrics {
                 mtls,
             })
             .inc();
+    }
+
+    /// Counts one event of a cluster in `family`.
+    pub fn cluster_event(
+        family: &Family<ClusterEventLabels, Counter>,
+        cluster: &str,
+        kind: &'static str,
+    ) {
+        family
+            .get_or_create(&ClusterEventLabels {
+                cluster: cluster.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Counts one event of a fixed kind in `family`.
+    pub fn kind_event(family: &Family<KindLabels, Counter>, kind: &'static str) {
+        family.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Tracks an open connection until the guard drops.
@@ -276,5 +353,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("weft_connections_active{direction=\"outbound\"} 0"));
+    }
+
+    #[test]
+    fn traffic_management_counters() {
+        let m = Metrics::new();
+        Metrics::cluster_event(&m.upstream_overflow, "outbound|80||b", "pending");
+        Metrics::cluster_event(&m.upstream_retries, "outbound|80||b", "retried");
+        Metrics::kind_event(&m.mirror_requests, "sent");
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "weft_upstream_overflow_total{cluster=\"outbound|80||b\",kind=\"pending\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_mirror_requests_total{kind=\"sent\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -20,7 +20,9 @@ use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
+use weft_api::config as model;
 
 use crate::http::Body;
 use crate::socket;
@@ -103,13 +105,77 @@ pub struct H2Key {
     pub identity: Option<Arc<str>>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+/// TCP keepalive probes (DestinationRule `connectionPool.tcp.tcpKeepalive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Keepalive {
+    /// Idle time before probes.
+    pub time: Option<Duration>,
+    /// Between probes.
+    pub interval: Option<Duration>,
+    /// Probes before the connection is dead.
+    pub probes: Option<u32>,
+}
+
+/// How a cluster's upstream connections behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct PoolOptions {
+    /// TCP keepalive.
+    pub keepalive: Option<Keepalive>,
+    /// Requests after which a connection is retired (`maxRequestsPerConnection`).
+    pub max_requests_per_connection: Option<u32>,
+    /// Idle connections close after this long (`idleTimeout`).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl PoolOptions {
+    /// The options of a cluster's connection pool (zero means unset, as in Istio).
+    pub fn from_model(p: &model::ConnectionPool) -> Self {
+        PoolOptions {
+            keepalive: p.tcp_keepalive.as_ref().map(|k| Keepalive {
+                time: k.time_ms.map(Duration::from_millis),
+                interval: k.interval_ms.map(Duration::from_millis),
+                probes: k.probes,
+            }),
+            max_requests_per_connection: p.max_requests_per_connection.filter(|n| *n > 0),
+            idle_timeout: p
+                .idle_timeout_ms
+                .filter(|t| *t > 0)
+                .map(Duration::from_millis),
+        }
+    }
+}
+
+/// Turns on TCP keepalive on an upstream socket.
+pub fn set_keepalive(stream: &TcpStream, k: &Keepalive) -> io::Result<()> {
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        ka = ka.with_time(t);
+    }
+    if let Some(i) = k.interval {
+        ka = ka.with_interval(i);
+    }
+    if let Some(p) = k.probes {
+        ka = ka.with_retries(p);
+    }
+    socket2::SockRef::from(stream).set_tcp_keepalive(&ka)
+}
+
+/// One multiplexed connection and how it has been used.
+#[derive(Debug)]
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
+    requests: u32,
+    last_used: Instant,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<H2Conn>>>;
 
 /// Shared upstream connections.
 #[derive(Debug)]
 pub struct Pools {
     h2: Mutex<HashMap<H2Key, Slot>>,
     h1: Client<Connector, Body>,
+    h1_custom: Mutex<HashMap<PoolOptions, Client<Connector, Body>>>,
     connect_timeout: Duration,
 }
 
@@ -122,12 +188,38 @@ impl Pools {
             .timer(TokioTimer::new())
             .build(Connector {
                 timeout: connect_timeout,
+                keepalive: None,
             });
         Self {
             h2: Mutex::new(HashMap::new()),
             h1,
+            h1_custom: Mutex::new(HashMap::new()),
             connect_timeout,
         }
+    }
+
+    /// The HTTP/1.1 client for a cluster's pool options: the shared one for defaults, else
+    /// one per distinct set of options.
+    pub fn h1_client(&self, options: &PoolOptions) -> Client<Connector, Body> {
+        if *options == PoolOptions::default() {
+            return self.h1.clone();
+        }
+        let mut map = self.h1_custom.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(*options)
+            .or_insert_with(|| {
+                let mut b = Client::builder(TokioExecutor::new());
+                b.pool_idle_timeout(options.idle_timeout.unwrap_or(Duration::from_secs(60)))
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new());
+                if options.max_requests_per_connection == Some(1) {
+                    b.pool_max_idle_per_host(0);
+                }
+                b.build(Connector {
+                    timeout: self.connect_timeout,
+                    keepalive: options.keepalive,
+                })
+            })
+            .clone()
     }
 
     /// A ready sender on the multiplexed connection for `key`, opening it if needed. Callers
@@ -138,15 +230,50 @@ impl Pools {
         tls: Option<&TlsContext>,
         timeout: Option<Duration>,
     ) -> Result<http2::SendRequest<Body>, PoolError> {
+        self.h2_with(key, tls, timeout, &PoolOptions::default())
+            .await
+    }
+
+    /// True when a live multiplexed connection for `key` exists (a request need not wait
+    /// for a handshake).
+    pub fn h2_ready(&self, key: &H2Key) -> bool {
+        let slot = {
+            let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(key).cloned()
+        };
+        slot.is_some_and(|s| {
+            s.try_lock()
+                .is_ok_and(|g| g.as_ref().is_some_and(|c| !c.sender.is_closed()))
+        })
+    }
+
+    /// As [`Pools::h2`], honouring a cluster's pool options: a connection that served
+    /// `maxRequestsPerConnection` requests or sat idle past `idleTimeout` is replaced.
+    pub async fn h2_with(
+        &self,
+        key: &H2Key,
+        tls: Option<&TlsContext>,
+        timeout: Option<Duration>,
+        options: &PoolOptions,
+    ) -> Result<http2::SendRequest<Body>, PoolError> {
         let slot = {
             let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(key.clone()).or_default().clone()
         };
         let mut guard = slot.lock().await;
-        if let Some(sender) = guard.as_ref()
-            && !sender.is_closed()
+        let now = Instant::now();
+        if let Some(conn) = guard.as_mut()
+            && !conn.sender.is_closed()
+            && options
+                .max_requests_per_connection
+                .is_none_or(|m| conn.requests < m)
+            && options
+                .idle_timeout
+                .is_none_or(|t| now.duration_since(conn.last_used) < t)
         {
-            return Ok(sender.clone());
+            conn.requests += 1;
+            conn.last_used = now;
+            return Ok(conn.sender.clone());
         }
         let timeout = timeout.unwrap_or(self.connect_timeout);
         let sender = match &key.identity {
@@ -162,10 +289,17 @@ impl Pools {
                         source,
                     }
                 })?;
+                if let Some(k) = &options.keepalive {
+                    let _ = set_keepalive(&io, k);
+                }
                 handshake(io, key.addr).await?
             }
         };
-        *guard = Some(sender.clone());
+        *guard = Some(H2Conn {
+            sender: sender.clone(),
+            requests: 1,
+            last_used: now,
+        });
         Ok(sender)
     }
 
@@ -226,6 +360,7 @@ pub async fn connect_plain(addr: SocketAddr, timeout: Duration) -> io::Result<Tc
 #[derive(Debug, Clone)]
 pub struct Connector {
     timeout: Duration,
+    keepalive: Option<Keepalive>,
 }
 
 impl tower::Service<Uri> for Connector {
@@ -239,6 +374,7 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let timeout = self.timeout;
+        let keepalive = self.keepalive;
         Box::pin(async move {
             let host = uri.host().unwrap_or_default();
             let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -249,9 +385,11 @@ impl tower::Service<Uri> for Connector {
                 )
             })?;
             let port = uri.port_u16().unwrap_or(80);
-            connect_plain(SocketAddr::new(ip, port), timeout)
-                .await
-                .map(TokioIo::new)
+            let stream = connect_plain(SocketAddr::new(ip, port), timeout).await?;
+            if let Some(k) = &keepalive {
+                let _ = set_keepalive(&stream, k);
+            }
+            Ok(TokioIo::new(stream))
         })
     }
 }

@@ -5,10 +5,23 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
 use weft_api::config::{self as model, ConfigError, Protocol, UpstreamTlsMode};
+
+use crate::balance::{
+    Balancer, Choice, ClusterState, EndpointState, HashPolicy, PickContext, PickInput, StateSlot,
+};
+use crate::breaker::Limits;
+use crate::http::Body;
+use crate::outlier::{Observation, OutlierPolicy};
+use crate::pool::PoolOptions;
+use crate::retry::BudgetLimits;
+use crate::route::{RouteTable, TcpRouteTable};
+use crate::upstream_tls::{TlsConnector, UpstreamTls};
 
 /// A snapshot ready for lookups. Immutable; a new version replaces it wholesale, and
 /// connections keep the targets they resolved.
@@ -18,6 +31,7 @@ pub struct Config {
     pub snapshot: model::Snapshot,
     by_vip: HashMap<SocketAddr, Arc<Target>>,
     by_endpoint: HashMap<SocketAddr, Arc<Target>>,
+    clusters: HashMap<String, Arc<Cluster>>,
     /// How long to wait for a client's first bytes.
     pub detect_timeout: Duration,
 }
@@ -31,23 +45,49 @@ pub struct Target {
     pub port: u16,
     /// Declared protocol.
     pub protocol: Protocol,
-    /// Endpoints.
+    /// The port's cluster (where traffic goes when no route says otherwise).
     pub cluster: Arc<Cluster>,
+    /// HTTP routes; a port without routes has one catch-all route to `cluster`.
+    pub routes: Arc<RouteTable>,
+    /// TCP / TLS routes.
+    pub tcp_routes: Arc<TcpRouteTable>,
 }
 
-/// Endpoints of one cluster with their balancing state.
+/// An HTTP client for a cluster's SIMPLE / MUTUAL TLS endpoints.
+pub type TlsClient = Client<TlsConnector, Body>;
+
+/// Endpoints of one cluster with their balancing policy and limits.
 #[derive(Debug)]
 pub struct Cluster {
     /// Name.
     pub name: String,
-    /// Endpoints, each repeated by weight for round robin.
+    /// Endpoints.
     pub endpoints: Vec<Endpoint>,
+    /// Their weights.
+    pub weights: Vec<u32>,
     /// TLS towards the endpoints.
     pub tls: UpstreamTlsMode,
+    /// TLS origination for SIMPLE / MUTUAL.
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
+    /// HTTP client over `upstream_tls`.
+    pub tls_client: Option<TlsClient>,
     /// Connect timeout override.
     pub connect_timeout: Option<Duration>,
-    next: AtomicUsize,
-    schedule: Vec<usize>,
+    /// Endpoint choice.
+    pub balancer: Balancer,
+    /// Consistent hashing key.
+    pub hash: Option<HashPolicy>,
+    /// Slow start window.
+    pub warmup: Option<Duration>,
+    /// Circuit breaking.
+    pub limits: Limits,
+    /// Retry budget.
+    pub budget: BudgetLimits,
+    /// Outlier detection.
+    pub outlier: Option<OutlierPolicy>,
+    /// Upstream connection settings.
+    pub pool: PoolOptions,
+    state: StateSlot,
 }
 
 /// One endpoint.
@@ -55,67 +95,181 @@ pub struct Cluster {
 pub struct Endpoint {
     /// Address and target port.
     pub addr: SocketAddr,
-    /// SPIFFE ID to require; `None` means plaintext.
+    /// SPIFFE ID to require; `None` means plaintext (or the cluster's own TLS).
     pub identity: Option<Arc<str>>,
 }
 
+/// The endpoint a request or connection goes to.
+#[derive(Debug, Clone)]
+pub struct Picked {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// Its live state.
+    pub state: Arc<EndpointState>,
+}
+
+/// The host part of an `outbound|port|subset|host` cluster name (the default SNI).
+fn cluster_host(name: &str) -> &str {
+    name.split('|')
+        .nth(3)
+        .filter(|h| !h.is_empty())
+        .unwrap_or(name)
+}
+
 impl Cluster {
-    fn compile(c: &model::Cluster) -> Cluster {
+    fn compile(c: &model::Cluster, field: &str) -> Result<Cluster, ConfigError> {
         let endpoints: Vec<Endpoint> = c
             .endpoints
             .iter()
             .map(|e| Endpoint {
                 addr: SocketAddr::new(e.address, e.port),
                 identity: match c.tls.mode {
-                    UpstreamTlsMode::Disable => None,
+                    UpstreamTlsMode::Disable
+                    | UpstreamTlsMode::Simple
+                    | UpstreamTlsMode::Mutual => None,
                     _ => e.identity.as_deref().map(Arc::from),
                 },
             })
             .collect();
-        // Smooth-enough weighted round robin: each endpoint appears `weight` times, spread
-        // by interleaving (cap the weight so a schedule stays small).
-        let mut schedule = Vec::new();
-        let max = c
-            .endpoints
-            .iter()
-            .map(|e| e.weight.min(100))
-            .max()
-            .unwrap_or(0);
-        for round in 0..max {
-            for (i, e) in c.endpoints.iter().enumerate() {
-                if e.weight.min(100) > round {
-                    schedule.push(i);
-                }
+        let weights: Vec<u32> = c.endpoints.iter().map(|e| e.weight).collect();
+        let connect_timeout = c.connect_timeout_ms.map(Duration::from_millis);
+        let upstream_tls = UpstreamTls::build(&c.tls, cluster_host(&c.name))
+            .map_err(|e| e.at(&format!("{field}.tls")))?
+            .map(Arc::new);
+        let pool = PoolOptions::from_model(&c.connection_pool);
+        let tls_client = upstream_tls.as_ref().map(|tls| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new()).timer(TokioTimer::new());
+            b.pool_idle_timeout(pool.idle_timeout.unwrap_or(Duration::from_secs(60)));
+            if pool.max_requests_per_connection == Some(1) {
+                b.pool_max_idle_per_host(0);
             }
-        }
-        Cluster {
+            b.build(TlsConnector {
+                tls: tls.clone(),
+                timeout: connect_timeout.unwrap_or(Duration::from_secs(10)),
+            })
+        });
+        let hash = match &c.load_balancer.consistent_hash {
+            Some(ch) => Some(HashPolicy::compile(&ch.key).ok_or_else(|| ConfigError {
+                field: format!("{field}.loadBalancer.consistentHash.key"),
+                reason: "not a header name".into(),
+            })?),
+            None => None,
+        };
+        Ok(Cluster {
             name: c.name.clone(),
+            balancer: Balancer::compile(&c.load_balancer, &endpoints, &weights),
             endpoints,
+            weights,
             tls: c.tls.mode,
-            connect_timeout: c.connect_timeout_ms.map(Duration::from_millis),
-            next: AtomicUsize::new(0),
-            schedule,
-        }
+            upstream_tls,
+            tls_client,
+            connect_timeout,
+            hash,
+            warmup: c
+                .load_balancer
+                .warmup_ms
+                .filter(|w| *w > 0)
+                .map(Duration::from_millis),
+            limits: Limits::from_pool(&c.connection_pool),
+            budget: BudgetLimits::from_cluster(c),
+            outlier: c
+                .outlier_detection
+                .as_ref()
+                .and_then(OutlierPolicy::compile),
+            pool,
+            state: StateSlot::default(),
+        })
     }
 
-    fn single(name: String, endpoint: Endpoint) -> Cluster {
+    /// A cluster with no endpoints (a port whose cluster the snapshot lacks).
+    fn empty(name: &str) -> Cluster {
+        Cluster::compile(
+            &model::Cluster {
+                name: name.to_owned(),
+                ..Default::default()
+            },
+            "",
+        )
+        .expect("an empty cluster compiles")
+    }
+
+    /// This cluster narrowed to one of its endpoints (a client that called a pod directly).
+    fn single(&self, endpoint: Endpoint) -> Cluster {
+        let endpoints = vec![endpoint];
         Cluster {
-            name,
-            endpoints: vec![endpoint],
-            tls: UpstreamTlsMode::Auto,
-            connect_timeout: None,
-            next: AtomicUsize::new(0),
-            schedule: vec![0],
+            name: self.name.clone(),
+            balancer: Balancer::compile(&model::LoadBalancer::default(), &endpoints, &[1]),
+            endpoints,
+            weights: vec![1],
+            tls: self.tls,
+            upstream_tls: self.upstream_tls.clone(),
+            tls_client: self.tls_client.clone(),
+            connect_timeout: self.connect_timeout,
+            hash: None,
+            warmup: None,
+            limits: self.limits,
+            budget: self.budget.clone(),
+            outlier: None,
+            pool: self.pool,
+            state: StateSlot::default(),
         }
     }
 
-    /// The next endpoint in weighted round-robin order; `None` when the cluster is empty.
+    /// Live state (bound by [`Config::inherit_state`], or fresh on first use).
+    pub fn state(&self) -> &Arc<ClusterState> {
+        self.state.get(&self.endpoints)
+    }
+
+    /// Chooses an endpoint; `None` when none is usable.
+    pub fn select(&self, ctx: &PickContext) -> Option<Picked> {
+        let state = self.state();
+        let input = PickInput {
+            endpoints: &self.endpoints,
+            weights: &self.weights,
+            states: &state.endpoints,
+            outlier: self.outlier.as_ref(),
+            warmup: self.warmup,
+        };
+        let mut rng = fastrand::Rng::with_seed(fastrand::u64(..));
+        match self.balancer.pick(&input, ctx, &mut rng)? {
+            Choice::Endpoint(i) => Some(Picked {
+                endpoint: self.endpoints.get(i)?.clone(),
+                state: state.endpoints.get(i)?.clone(),
+            }),
+            Choice::Passthrough(addr) => Some(Picked {
+                endpoint: Endpoint {
+                    addr,
+                    identity: None,
+                },
+                state: Arc::new(EndpointState::new()),
+            }),
+        }
+    }
+
+    /// The next endpoint by the cluster's policy, without request context; `None` when the
+    /// cluster is empty.
     pub fn pick(&self) -> Option<&Endpoint> {
-        if self.schedule.is_empty() {
+        let picked = self.select(&PickContext::now())?;
+        self.endpoints
+            .iter()
+            .find(|e| e.addr == picked.endpoint.addr)
+    }
+
+    /// Feeds outlier detection with the outcome of a try; returns the ejection time when
+    /// the endpoint was ejected.
+    pub fn observe(&self, picked: &Picked, obs: Observation) -> Option<Duration> {
+        let policy = self.outlier.as_ref()?;
+        if !picked.state.outlier.observe(obs, policy) {
             return None;
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.endpoints.get(self.schedule[n % self.schedule.len()])
+        let now = Instant::now();
+        let states = &self.state().endpoints;
+        let ejected = states.iter().filter(|s| s.outlier.is_ejected(now)).count();
+        if picked.state.outlier.is_ejected(now) || !policy.may_eject(ejected, states.len()) {
+            return None;
+        }
+        Some(picked.state.outlier.eject(now, policy))
     }
 }
 
@@ -123,33 +277,44 @@ impl Config {
     /// Validates and indexes a snapshot.
     pub fn compile(snapshot: model::Snapshot) -> Result<Config, ConfigError> {
         snapshot.validate()?;
-        let clusters: HashMap<&str, Arc<Cluster>> = snapshot
-            .clusters
+        let mut clusters: HashMap<String, Arc<Cluster>> = HashMap::new();
+        for (i, c) in snapshot.clusters.iter().enumerate() {
+            clusters.insert(
+                c.name.clone(),
+                Arc::new(Cluster::compile(c, &format!("clusters[{i}]"))?),
+            );
+        }
+        let by_name: HashMap<&str, Arc<Cluster>> = clusters
             .iter()
-            .map(|c| (c.name.as_str(), Arc::new(Cluster::compile(c))))
+            .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
-        let empty = |name: &str| {
-            Arc::new(Cluster::compile(&model::Cluster {
-                name: name.to_owned(),
-                ..Default::default()
-            }))
-        };
         let mut by_vip = HashMap::new();
         let mut by_endpoint = HashMap::new();
-        for service in &snapshot.services {
-            for port in &service.ports {
+        for (si, service) in snapshot.services.iter().enumerate() {
+            for (pi, port) in service.ports.iter().enumerate() {
+                let field = format!("services[{si}].ports[{pi}]");
                 let name = port.cluster_name(&service.hostname);
-                let cluster = clusters
+                let cluster = by_name
                     .get(name.as_str())
                     .cloned()
-                    .unwrap_or_else(|| empty(&name));
+                    .unwrap_or_else(|| Arc::new(Cluster::empty(&name)));
+                let routes = Arc::new(if port.http_routes.is_empty() {
+                    RouteTable::single(cluster.clone())
+                } else {
+                    RouteTable::compile(&port.http_routes, &field, &by_name)?
+                });
+                let tcp_routes =
+                    Arc::new(TcpRouteTable::compile(&port.tcp_routes, &field, &by_name)?);
                 for ep in &cluster.endpoints {
                     by_endpoint.entry(ep.addr).or_insert_with(|| {
+                        let single = Arc::new(cluster.single(ep.clone()));
                         Arc::new(Target {
                             hostname: service.hostname.clone(),
                             port: port.port,
                             protocol: port.protocol,
-                            cluster: Arc::new(Cluster::single(name.clone(), ep.clone())),
+                            routes: Arc::new(RouteTable::single(single.clone())),
+                            tcp_routes: Arc::new(TcpRouteTable::default()),
+                            cluster: single,
                         })
                     });
                 }
@@ -158,6 +323,8 @@ impl Config {
                     port: port.port,
                     protocol: port.protocol,
                     cluster,
+                    routes,
+                    tcp_routes,
                 });
                 for vip in &service.vips {
                     by_vip.insert(SocketAddr::new(*vip, port.port), target.clone());
@@ -169,6 +336,7 @@ impl Config {
             snapshot,
             by_vip,
             by_endpoint,
+            clusters,
         })
     }
 
@@ -184,6 +352,24 @@ impl Config {
             .get(&dst)
             .or_else(|| self.by_endpoint.get(&dst))
             .cloned()
+    }
+
+    /// A cluster by name.
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.get(name)
+    }
+
+    /// Takes over the live state of `previous` (the config this one replaces): per endpoint
+    /// address of each cluster, in-flight counts, latency, outlier state and age; per
+    /// cluster, circuit-breaker counters and the retry budget. Call before installing.
+    pub fn inherit_state(&self, previous: &Config) {
+        for (name, cluster) in &self.clusters {
+            let Some(old) = previous.clusters.get(name) else {
+                continue;
+            };
+            let state = ClusterState::new(&cluster.endpoints, Some(old.state()), &old.endpoints);
+            cluster.state.bind(Arc::new(state));
+        }
     }
 }
 

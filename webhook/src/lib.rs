@@ -12,13 +12,22 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod ca;
+pub mod control_plane;
+pub mod discovery;
 pub mod inject;
 pub mod manifest;
 pub mod mesh;
+pub mod metrics;
 pub mod registration;
+pub mod resources;
 pub mod serve;
 pub mod server;
 pub mod serving_cert;
+pub mod source;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod translate;
 
 pub use inject::{Denial, InjectContext, Injection, Outcome, inject};
 pub use mesh::MeshConfig;

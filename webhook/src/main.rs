@@ -25,8 +25,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane: the HTTPS admission webhook (`/inject`, `/validate`, `/healthz`).
-    Serve(ServeArgs),
+    /// Run the control plane: the HTTPS admission webhook (`/inject`, `/validate`, `/healthz`),
+    /// the mesh CA and config distribution (`--control-plane-listen`).
+    Serve(Box<ServeArgs>),
     /// Inject the sidecar into the workloads of a YAML file, like `istioctl kube-inject`.
     Inject(InjectArgs),
     /// Validate Istio, Gateway API and SMI resources in a YAML file; exit 1 on errors.
@@ -68,6 +69,37 @@ struct ServeArgs {
     /// Talk to a cluster even outside a pod (`true`) or never (`false`).
     #[arg(long)]
     kubernetes: Option<bool>,
+    /// Local mode: read pods, services and config from this directory of YAML (watched).
+    #[arg(long, env = "WEFT_LOCAL_DIR")]
+    local_dir: Option<PathBuf>,
+    /// Keep the mesh CA in this directory (made on first start; Istio's cacerts file names).
+    #[arg(long, env = "WEFT_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Local mode: PEM public key (EC P-256) that verifies the proxies' ES256 tokens.
+    #[arg(long, env = "WEFT_TOKEN_PUBLIC_KEY")]
+    token_public_key: Option<PathBuf>,
+    /// Address of the CA and discovery port.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_PLANE_LISTEN",
+        default_value = "0.0.0.0:15012"
+    )]
+    control_plane_listen: SocketAddr,
+    /// IP address in the control plane's serving certificate (repeatable).
+    #[arg(long = "serving-ip")]
+    serving_ips: Vec<std::net::IpAddr>,
+    /// Trust domain of workload identities (default: the mesh config's).
+    #[arg(long, env = "WEFT_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
+    /// Namespace of mesh-wide policies (PeerAuthentication, Sidecar).
+    #[arg(long, default_value = weft_webhook::resources::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Another trusted root (PEM), sent to proxies with the mesh root (root rotation).
+    #[arg(long = "extra-root")]
+    extra_roots: Vec<PathBuf>,
+    /// Longest workload certificate the CA issues (`24h`, `7d`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+    max_cert_ttl: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +201,15 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         patch_webhook_ca: args.patch_webhook_ca,
         ca_out: args.ca_out,
         kubernetes: args.kubernetes,
+        local_dir: args.local_dir,
+        ca_dir: args.ca_dir,
+        token_public_key: args.token_public_key,
+        control_plane_listen: args.control_plane_listen,
+        serving_ips: args.serving_ips,
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
+        extra_roots: args.extra_roots,
+        max_cert_ttl: args.max_cert_ttl,
     };
     runtime()?.block_on(run(opts, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
@@ -231,7 +272,7 @@ fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
         Command::Inject(a) => inject(a),
         Command::Validate(a) => validate(a),
     };

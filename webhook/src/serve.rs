@@ -1,12 +1,20 @@
 //! `weft-webhook serve`: the control-plane process. It loads the mesh config, gets its serving
 //! certificate, registers itself with the cluster when there is one, and serves the webhook.
 //!
-//! Subsystems are assembled here: each contributes routes (merged into one router behind one
-//! TLS listener) and background tasks (run until shutdown). The CA and discovery will join the
-//! same way.
+//! Subsystems are assembled here: each contributes routes and background tasks (run until
+//! shutdown). The mesh CA and config distribution listen on their own TLS port
+//! (`--control-plane-listen`, 15012) and run in one of two modes:
+//!
+//! - local (`--local-dir DIR`): config from a directory of YAML, the CA in `--ca-dir` (root
+//!   published as `<ca-dir>/root-cert.pem`), tokens checked with `--token-public-key`;
+//! - Kubernetes (in a pod, or `--kubernetes true`): watches, the CA in a Secret (`cacerts` if
+//!   the user made one, else `weft-ca`), TokenReview, the root published as a ConfigMap in
+//!   every namespace with meshed pods.
+//!
+//! Without either (`--kubernetes false` and no `--local-dir`) only the webhook runs.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +22,19 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::ca::store::{self as ca_store, StoreError};
+use crate::ca::token::{TokenError, TokenVerifier};
+use crate::ca::{Ca, CaError, CaOptions, Material};
+use crate::control_plane::{self, ControlPlane, ControlPlaneError};
+use crate::discovery::{DEBOUNCE, Discovery};
 use crate::mesh::{MeshConfig, MeshError};
+use crate::metrics::Metrics;
 use crate::registration::{self, RegistrationError};
+use crate::resources::{Settings, Store};
 use crate::server::{self, AppState, ServerError};
 use crate::serving_cert::{self, CertError, ServingCert};
+use crate::source::kube as kube_source;
+use crate::source::local::LocalSource;
 
 /// How often the webhook configurations' caBundle is checked.
 pub const CA_BUNDLE_RECHECK: Duration = Duration::from_secs(60);
@@ -48,6 +65,55 @@ pub struct ServeOptions {
     /// Talk to a cluster: `Some(true)` always, `Some(false)` never, `None` when in a pod or
     /// when an option needs it.
     pub kubernetes: Option<bool>,
+    /// Local mode: the directory of YAML (pods, services, config).
+    pub local_dir: Option<PathBuf>,
+    /// Local mode: where the CA lives (created on first start).
+    pub ca_dir: Option<PathBuf>,
+    /// Local mode: PEM public key that verifies proxies' tokens (ES256).
+    pub token_public_key: Option<PathBuf>,
+    /// Address of the CA and discovery port.
+    pub control_plane_listen: SocketAddr,
+    /// IP SANs of the control plane's serving certificate.
+    pub serving_ips: Vec<IpAddr>,
+    /// Trust domain; the mesh config's when absent.
+    pub trust_domain: Option<String>,
+    /// Namespace of mesh-wide policies.
+    pub root_namespace: String,
+    /// Extra trusted roots (PEM files), e.g. the next root during a rotation.
+    pub extra_roots: Vec<PathBuf>,
+    /// Longest workload certificate issued.
+    pub max_cert_ttl: Duration,
+}
+
+impl ServeOptions {
+    /// Options with the defaults of the command line.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            mesh_config: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            service: "weft-control-plane".into(),
+            namespace: "weft-system".into(),
+            serving_cert_secret: None,
+            patch_webhook_ca: None,
+            ca_out: None,
+            kubernetes: None,
+            local_dir: None,
+            ca_dir: None,
+            token_public_key: None,
+            control_plane_listen: SocketAddr::from((
+                [0, 0, 0, 0],
+                weft_api::bootstrap::PORT_CONTROL_PLANE,
+            )),
+            serving_ips: Vec::new(),
+            trust_domain: None,
+            root_namespace: crate::resources::DEFAULT_ROOT_NAMESPACE.into(),
+            extra_roots: Vec::new(),
+            max_cert_ttl: crate::ca::DEFAULT_MAX_TTL,
+        }
+    }
 }
 
 /// Errors that stop `serve`.
@@ -80,6 +146,30 @@ pub enum ServeError {
     /// `--tls-cert` without `--tls-key` or the reverse.
     #[error("--tls-cert and --tls-key go together")]
     HalfTls,
+    /// The CA could not be loaded or made.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The CA store failed.
+    #[error(transparent)]
+    CaStore(#[from] StoreError),
+    /// The token key is unusable.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// Local mode needs a token key.
+    #[error("local mode needs --token-public-key (the key that signs the proxies' tokens)")]
+    NoTokenKey,
+    /// The control-plane port failed.
+    #[error(transparent)]
+    ControlPlane(#[from] ControlPlaneError),
+    /// An extra root could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the control plane until `shutdown` completes.
@@ -98,9 +188,10 @@ pub async fn run(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Resu
     );
 
     let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    let wants_cluster = opts
-        .kubernetes
-        .unwrap_or(in_pod || opts.patch_webhook_ca.is_some() || opts.serving_cert_secret.is_some());
+    let wants_cluster = opts.kubernetes.unwrap_or(
+        opts.local_dir.is_none()
+            && (in_pod || opts.patch_webhook_ca.is_some() || opts.serving_cert_secret.is_some()),
+    );
     let client = if wants_cluster {
         Some(
             kube::Client::try_default()
@@ -154,13 +245,140 @@ pub async fn run(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Resu
         ));
     }
 
+    let trust_domain = opts
+        .trust_domain
+        .clone()
+        .unwrap_or_else(|| mesh.trust_domain.clone());
+    let control = if opts.local_dir.is_some() || client.is_some() {
+        Some(start_control_plane(&opts, client.as_ref(), &mesh, &trust_domain, &mut tasks).await?)
+    } else {
+        info!("no --local-dir and no cluster: the CA and discovery are off");
+        None
+    };
+
     let state = Arc::new(AppState {
         mesh,
         cluster_supports_native_sidecars: cluster_native,
     });
-    let router = server::router(state);
+    let mut router = server::router(state);
+    if let Some((cp, _, _)) = &control {
+        router = router.merge(control_plane::observability_router(cp.discovery.clone()));
+    }
     let listener = server::bind(opts.listen).await?;
-    let result = server::serve(listener, tls, router, shutdown).await;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let webhook = server::serve(listener, tls, router, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let result = match control {
+        Some((cp, cp_listener, cp_tls)) => {
+            let cp_router = control_plane::router(cp);
+            let cp_serve =
+                control_plane::serve(cp_listener, cp_tls, cp_router, trust_domain, async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                });
+            let (result, ()) = tokio::join!(webhook, cp_serve);
+            result
+        }
+        None => webhook.await,
+    };
     tasks.shutdown().await;
     result.map_err(ServeError::from)
+}
+
+fn read_file(path: &std::path::Path) -> Result<String, ServeError> {
+    std::fs::read_to_string(path).map_err(|source| ServeError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Loads the CA, starts the sources and discovery, and binds the control-plane port.
+async fn start_control_plane(
+    opts: &ServeOptions,
+    client: Option<&kube::Client>,
+    mesh: &MeshConfig,
+    trust_domain: &str,
+    tasks: &mut JoinSet<()>,
+) -> Result<
+    (
+        Arc<ControlPlane>,
+        tokio::net::TcpListener,
+        Arc<rustls::ServerConfig>,
+    ),
+    ServeError,
+> {
+    let material = match (&opts.ca_dir, client) {
+        (Some(dir), _) => ca_store::load_or_create_dir(dir, trust_domain)?,
+        (None, Some(client)) => {
+            ca_store::load_or_create_secret(client, &opts.namespace, trust_domain).await?
+        }
+        (None, None) => {
+            warn!("no --ca-dir: the mesh root lives in memory and changes at every start");
+            Material::generate(trust_domain)?
+        }
+    };
+    let extra_roots = opts
+        .extra_roots
+        .iter()
+        .map(|p| read_file(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ca = Arc::new(Ca::new(
+        &material,
+        &extra_roots,
+        CaOptions {
+            trust_domain: trust_domain.to_owned(),
+            max_ttl: opts.max_cert_ttl,
+            ..CaOptions::default()
+        },
+    )?);
+    info!(roots = ca.roots().len(), %trust_domain, "mesh ca ready");
+    if let Some(dir) = &opts.ca_dir {
+        ca_store::publish_dir_roots(dir, &ca.roots_pem())?;
+    }
+
+    let verifier = match (&opts.token_public_key, client) {
+        (Some(path), _) => TokenVerifier::local_from_file(path, &mesh.ca_audience)?,
+        (None, Some(client)) => TokenVerifier::Kubernetes {
+            client: client.clone(),
+            audience: mesh.ca_audience.clone(),
+        },
+        (None, None) => return Err(ServeError::NoTokenKey),
+    };
+
+    let store = Store::new(Settings {
+        trust_domain: trust_domain.to_owned(),
+        root_namespace: opts.root_namespace.clone(),
+    });
+    if let Some(dir) = &opts.local_dir {
+        let mut source = LocalSource::new(dir.clone());
+        source.sync(&store);
+        tasks.spawn(source.run(store.clone()));
+    } else if let Some(client) = client {
+        kube_source::spawn_watches(client, &store, tasks);
+        tasks.spawn(kube_source::keep_root_config_maps(
+            client.clone(),
+            store.clone(),
+            opts.namespace.clone(),
+            mesh.root_cert_config_map.clone(),
+            ca.roots_pem(),
+        ));
+    }
+    let metrics = Arc::new(Metrics::default());
+    let discovery = Discovery::new(store, metrics.clone(), ca.roots().to_vec(), DEBOUNCE);
+    tasks.spawn(discovery.clone().run());
+
+    let names = control_plane::serving_names(&opts.service, &opts.namespace, &opts.serving_ips);
+    let tls = control_plane::tls_config(&ca, &names)?;
+    let listener = control_plane::bind(opts.control_plane_listen).await?;
+    Ok((
+        Arc::new(ControlPlane {
+            ca,
+            verifier,
+            discovery,
+            metrics,
+        }),
+        listener,
+        tls,
+    ))
 }

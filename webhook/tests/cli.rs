@@ -163,3 +163,86 @@ fn serve_starts_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The local node's command line: CA made in `--ca-dir` on first start and reused, root
+/// published there, tokens checked with `--token-public-key`, config from `--local-dir`.
+#[tokio::test]
+async fn serve_local_mode_issues_certificates_and_streams_config() {
+    use weft_webhook::testing::{ProxyStream, TokenSigner, client_tls, issue};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config");
+    std::fs::create_dir_all(&config).expect("mkdir");
+    std::fs::write(
+        config.join("pod.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a-1, namespace: genesis, labels: {app: a}, annotations: {sidecar.istio.io/status: '{}'}}\nspec: {serviceAccountName: a, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.44.0.2}\n",
+    )
+    .expect("pod");
+    let signer = TokenSigner::new();
+    let key = dir.path().join("token-key.pub");
+    std::fs::write(&key, signer.public_key_pem()).expect("key");
+    let mut roots = Vec::new();
+    for _ in 0..2 {
+        let (cp, hook) = (free_port(), free_port());
+        let child = bin()
+            .args(["serve", "--kubernetes", "false", "--listen"])
+            .arg(format!("127.0.0.1:{hook}"))
+            .arg("--local-dir")
+            .arg(&config)
+            .arg("--ca-dir")
+            .arg(dir.path().join("ca"))
+            .arg("--token-public-key")
+            .arg(&key)
+            .arg("--control-plane-listen")
+            .arg(format!("127.0.0.1:{cp}"))
+            .args(["--serving-ip", "127.0.0.1"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _child = Kill(child);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", cp)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "serve did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let root =
+            std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).expect("root published");
+        let addr = format!("127.0.0.1:{cp}").parse().expect("addr");
+        let (cert, key) = issue(addr, &root, &signer, "genesis", "a").await;
+        let tls = client_tls(
+            &root,
+            Some((&cert.cert_chain.concat(), &key.serialize_pem())),
+        );
+        let node = weft_api::discovery::Node {
+            name: "a-1".into(),
+            namespace: "genesis".into(),
+            ..Default::default()
+        };
+        let mut stream = ProxyStream::open(addr, tls, node).await;
+        assert_eq!(stream.status, 200, "{:?}", stream.error_body);
+        let first = stream
+            .next(Duration::from_secs(10))
+            .await
+            .expect("snapshot");
+        assert_eq!(first.snapshot.workload.labels["app"], "a");
+        roots.push(root);
+    }
+    assert_eq!(roots[0], roots[1], "the CA is reused across restarts");
+}

@@ -371,14 +371,34 @@ fn rendered_manifest_matches_what_the_webhook_expects() {
         .clone();
     assert_eq!(arg("mesh-config"), format!("{mount}/mesh.yaml"));
 
-    // RBAC: named resources only, no wildcards.
+    // RBAC: no wildcards; writes only to named objects (webhook configurations, the root
+    // ConfigMap), plus creating TokenReviews and the root ConfigMap; discovery only reads.
     for rule in cluster_role.rules.iter().flatten() {
         assert!(!rule.verbs.iter().any(|v| v == "*"), "{rule:?}");
-        assert_eq!(
-            rule.resource_names.as_deref(),
-            Some(&[webhook_name.clone()][..])
-        );
+        let resources = rule.resources.clone().unwrap_or_default();
+        assert!(!resources.iter().any(|r| r == "*"), "{rule:?}");
+        let groups = rule.api_groups.clone().unwrap_or_default();
+        if groups.iter().any(|g| g == "admissionregistration.k8s.io") {
+            assert_eq!(
+                rule.resource_names.as_deref(),
+                Some(&[webhook_name.clone()][..])
+            );
+        } else if resources == ["tokenreviews"] || rule.verbs == ["create"] {
+            assert_eq!(rule.verbs, ["create"], "{rule:?}");
+        } else if resources == ["configmaps"] {
+            assert_eq!(
+                rule.resource_names.as_deref(),
+                Some(&[MeshConfig::default().root_cert_config_map][..])
+            );
+        } else {
+            assert_eq!(rule.verbs, ["get", "list", "watch"], "{rule:?}");
+        }
     }
+    assert_eq!(arg("control-plane-listen"), "0.0.0.0:15012");
+    assert!(
+        c.ports.iter().flatten().any(|p| p.container_port == 15012),
+        "the control-plane port is declared"
+    );
     let secret = arg("serving-cert-secret");
     assert!(role.rules.iter().flatten().any(|r| {
         r.resource_names

@@ -322,7 +322,7 @@ pub struct ConsistentHash {
 
 /// The hashed request attribute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum HashKey {
     /// A request header.
     Header(String),
@@ -345,7 +345,7 @@ pub enum HashKey {
 
 /// Consistent hashing algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum HashAlgorithm {
     /// Ketama ring with at least this many entries.
     Ring {
@@ -1239,6 +1239,19 @@ httpRoutes:
             s.validate().expect_err("dangling").field,
             "services[0].ports[0].httpRoutes[0].action.forward.destinations[0].cluster"
         );
+    }
+
+    #[test]
+    fn struct_variant_fields_are_camel_case() {
+        let lb: LoadBalancer = serde_json::from_str(
+            r#"{"consistentHash": {"key": {"cookie": {"name": "s", "ttlMs": 1000}}, "algorithm": {"maglev": {"tableSize": 65537}}}}"#,
+        )
+        .expect("camelCase fields");
+        let ch = lb.consistent_hash.expect("hash");
+        assert_eq!(ch.algorithm, HashAlgorithm::Maglev { table_size: 65537 });
+        assert!(matches!(ch.key, HashKey::Cookie { ttl_ms: Some(1000), .. }));
+        let json = serde_json::to_string(&HashAlgorithm::default()).expect("json");
+        assert_eq!(json, r#"{"ring":{"minRingSize":1024}}"#);
     }
 
     #[test]

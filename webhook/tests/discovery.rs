@@ -1,0 +1,232 @@
+//! Config distribution over the real port (mutual TLS, HTTP/2, NDJSON both ways) with a
+//! simulated proxy holding a workload certificate from the CA.
+
+use std::time::Duration;
+
+use weft_api::config::HttpAction;
+use weft_api::discovery::Node;
+use weft_webhook::testing::{Harness, ProxyStream, client_tls, issue};
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: service-a-1
+  namespace: genesis
+  labels: {app: service-a}
+  annotations: {sidecar.istio.io/status: '{}'}
+spec:
+  serviceAccountName: service-a
+  containers: [{name: app, image: x, ports: [{containerPort: 8080, name: http}]}]
+status: {podIP: 10.44.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: service-b-1
+  namespace: genesis
+  labels: {app: service-b, version: v1}
+  annotations: {sidecar.istio.io/status: '{}'}
+spec:
+  serviceAccountName: service-b
+  containers: [{name: app, image: x, ports: [{containerPort: 9090, name: http}]}]
+status: {podIP: 10.44.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: intruder, namespace: other, labels: {app: intruder}}
+spec: {serviceAccountName: intruder, containers: [{name: app, image: x}]}
+status: {podIP: 10.44.0.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: service-b, namespace: genesis}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: service-b}
+  ports: [{name: http, port: 8080, targetPort: http}]
+"#;
+
+const VS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: service-b, namespace: genesis}
+spec:
+  hosts: [service-b]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: service-b}}]
+    timeout: 2s
+  - route: [{destination: {host: service-b}}]
+"#;
+
+fn node(ns: &str, name: &str) -> Node {
+    Node {
+        name: name.into(),
+        namespace: ns.into(),
+        ip: None,
+        proxy_version: "test".into(),
+    }
+}
+
+async fn proxy(h: &Harness, ns: &str, sa: &str, pod: &str) -> ProxyStream {
+    let (cert, key) = issue(h.addr, &h.roots_pem, &h.signer, ns, sa).await;
+    let chain = cert.cert_chain.concat();
+    let tls = client_tls(&h.roots_pem, Some((&chain, &key.serialize_pem())));
+    ProxyStream::open(h.addr, tls, node(ns, pod)).await
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn snapshot_ack_update_nack_and_reconnect() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    let mut p = proxy(&h, "genesis", "service-a", "service-a-1").await;
+    assert_eq!(p.status, 200, "{:?}", p.error_body);
+    let first = p.next(WAIT).await.expect("first snapshot");
+    assert_eq!(first.version, first.snapshot.version);
+    assert_eq!(first.trust_bundle, vec![h.roots_pem.clone()]);
+    first.snapshot.validate().expect("valid");
+    assert_eq!(first.snapshot.workload.service_account, "service-a");
+    let svc = first
+        .snapshot
+        .services
+        .iter()
+        .find(|s| s.hostname == "service-b.genesis.svc.cluster.local")
+        .expect("service-b visible");
+    assert_eq!(svc.ports[0].http_routes.len(), 1, "the default route");
+    let cluster = first
+        .snapshot
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|8080||service-b.genesis.svc.cluster.local")
+        .expect("cluster");
+    assert_eq!(cluster.endpoints.len(), 1);
+    assert_eq!(
+        cluster.endpoints[0].port, 9090,
+        "named target port resolved"
+    );
+    assert_eq!(
+        cluster.endpoints[0].identity.as_deref(),
+        Some("spiffe://cluster.local/ns/genesis/sa/service-b")
+    );
+    p.ack(&first.version).await;
+
+    // A VirtualService appears in the directory: a new version follows.
+    h.write("vs.yaml", VS);
+    let second = p.next(WAIT).await.expect("second snapshot");
+    assert!(
+        second.version.parse::<u64>().expect("number")
+            > first.version.parse::<u64>().expect("number")
+    );
+    let routes = &second
+        .snapshot
+        .services
+        .iter()
+        .find(|s| s.hostname == "service-b.genesis.svc.cluster.local")
+        .expect("service-b")
+        .ports[0]
+        .http_routes;
+    assert_eq!(routes.len(), 2);
+    assert!(matches!(&routes[0].action, HttpAction::Forward(f) if f.timeout_ms == Some(2000)));
+    p.nack(&second.version, "cannot apply: test").await;
+
+    // Nothing changed: nothing is sent.
+    h.write(
+        "unrelated.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+    );
+    assert!(
+        p.next(Duration::from_millis(600)).await.is_none(),
+        "no push without a change"
+    );
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = h.discovery.metrics().encode();
+        if metrics.contains("weft_push_nacks_total 1") && metrics.contains("weft_push_acks_total 1")
+        {
+            assert!(metrics.contains("weft_connected_proxies 1"), "{metrics}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = h.discovery.proxies();
+    assert_eq!(status.len(), 1);
+    assert!(
+        status[0]
+            .nacked
+            .as_deref()
+            .is_some_and(|n| n.contains("cannot apply"))
+    );
+
+    // Reconnect: the proxy gets the current snapshot again.
+    drop(p);
+    let mut again = proxy(&h, "genesis", "service-a", "service-a-1").await;
+    let third = again.next(WAIT).await.expect("snapshot after reconnect");
+    assert_eq!(third.snapshot.services, second.snapshot.services);
+    again.ack(&third.version).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_proxy_cannot_ask_for_another_namespace_or_account() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    // A certificate of namespace `other` asking for a pod of `genesis`.
+    let (cert, key) = issue(h.addr, &h.roots_pem, &h.signer, "other", "intruder").await;
+    let tls = client_tls(
+        &h.roots_pem,
+        Some((&cert.cert_chain.concat(), &key.serialize_pem())),
+    );
+    let p = ProxyStream::open(h.addr, tls, node("genesis", "service-a-1")).await;
+    assert_eq!(p.status, 403);
+    assert!(
+        p.error_body
+            .as_deref()
+            .is_some_and(|b| b.contains("namespace")),
+        "{:?}",
+        p.error_body
+    );
+
+    // Same namespace, another service account's pod.
+    let p = proxy(&h, "genesis", "service-b", "service-a-1").await;
+    assert_eq!(p.status, 403);
+    assert!(
+        p.error_body
+            .as_deref()
+            .is_some_and(|b| b.contains("service account"))
+    );
+
+    // No client certificate at all.
+    let p = ProxyStream::open(
+        h.addr,
+        client_tls(&h.roots_pem, None),
+        node("genesis", "service-a-1"),
+    )
+    .await;
+    assert_eq!(p.status, 401);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_proxy_does_not_hold_back_others() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    // This one never reads.
+    let _slow = proxy(&h, "genesis", "service-b", "service-b-1").await;
+    let mut fast = proxy(&h, "genesis", "service-a", "service-a-1").await;
+    let first = fast.next(WAIT).await.expect("first");
+    fast.ack(&first.version).await;
+    for i in 0..5 {
+        h.write(
+            "vs.yaml",
+            &VS.replace("timeout: 2s", &format!("timeout: {}s", i + 3)),
+        );
+        let next = fast
+            .next(WAIT)
+            .await
+            .expect("update despite the slow proxy");
+        fast.ack(&next.version).await;
+    }
+    h.stop().await;
+}
