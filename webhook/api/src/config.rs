@@ -1249,7 +1249,13 @@ httpRoutes:
         .expect("camelCase fields");
         let ch = lb.consistent_hash.expect("hash");
         assert_eq!(ch.algorithm, HashAlgorithm::Maglev { table_size: 65537 });
-        assert!(matches!(ch.key, HashKey::Cookie { ttl_ms: Some(1000), .. }));
+        assert!(matches!(
+            ch.key,
+            HashKey::Cookie {
+                ttl_ms: Some(1000),
+                ..
+            }
+        ));
         let json = serde_json::to_string(&HashAlgorithm::default()).expect("json");
         assert_eq!(json, r#"{"ring":{"minRingSize":1024}}"#);
     }
