@@ -10,11 +10,11 @@
 //! Nothing is added to the machine's own network namespace, and everything is removed on
 //! drop (also on panic), with a sweep of what a killed run left behind at the next start.
 
-pub mod admission;
 mod certs;
+pub mod controlplane;
 pub mod fixtures;
-pub mod mesh;
 pub mod network;
+mod tokens;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -24,7 +24,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,22 +34,22 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Probe, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use weft_api::config::{DEFAULT_TRUST_DOMAIN, IdentityFiles};
 
 use crate::binaries;
 use crate::exec::{BindMount, ExecSpec, SPEC_ENV};
 use certs::Ca;
-use mesh::{PeerAuth, PodView};
+use controlplane::{ControlPlane, Instance};
 use network::Subnet;
+use tokens::TokenSigner;
 
 /// Root of the local nodes' cgroups.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/weft";
-/// Pod annotation (local node only): issue the proxy a certificate for this SPIFFE ID instead
-/// of its service account's. The mesh config still expects the service account's identity,
-/// so peers must refuse this pod: the tests of wrong identities use it.
-pub const ANNOTATION_IDENTITY: &str = "localnode.weft.dev/identity";
-/// Pod annotation (local node only): `rogue` issues the proxy's certificate from a CA the
-/// mesh does not trust.
+/// Pod annotation (local node only): the pod's proxy gets a token of this service account
+/// (and asks for its identity), while the mesh expects the pod's own: like a stolen token.
+/// Peers must refuse it; the tests of wrong identities use it.
+pub const ANNOTATION_TOKEN_SA: &str = "localnode.weft.dev/token-service-account";
+/// Pod annotation (local node only): `rogue` makes the pod's proxy use a second control plane
+/// whose CA is another root, one the mesh does not trust.
 pub const ANNOTATION_CA: &str = "localnode.weft.dev/ca";
 /// Binaries the local node knows how to run, by command or image name.
 const KNOWN_BINARIES: [&str; 4] = [
@@ -65,37 +65,32 @@ static NODE_SEQ: AtomicU32 = AtomicU32::new(0);
 /// How a local node is set up.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
-    /// Protocol detection timeout written into proxy configs.
+    /// Protocol detection timeout (the mesh config's `protocolDetectionTimeout`).
     pub detect_timeout: Duration,
-    /// How often proxies re-read their config file.
-    pub config_poll: Duration,
+    /// Native sidecars (`nativeSidecar: true`) or classic ones, in the mesh config.
+    pub native_sidecars: bool,
     /// Extra environment for every `weft-proxy` container (e.g. `WEFT_LOG_LEVEL`).
     pub proxy_env: Vec<(String, String)>,
-    /// Run `weft-webhook` and send pods of namespaces labelled `istio-injection=enabled`
-    /// through it; the mesh config file it gets.
-    pub webhook: Option<String>,
-}
-
-impl NodeOptions {
-    /// Options with the injection webhook, native sidecars on or off in its mesh config.
-    pub fn with_webhook(native_sidecars: bool) -> NodeOptions {
-        NodeOptions {
-            webhook: Some(format!(
-                "controlPlaneAddress: 10.44.0.1:15012\nnativeSidecar: \"{native_sidecars}\"\nterminationDrainDuration: 5s\n"
-            )),
-            ..Default::default()
-        }
-    }
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
         Self {
             detect_timeout: Duration::from_millis(500),
-            config_poll: Duration::from_millis(100),
+            native_sidecars: true,
             proxy_env: vec![("WEFT_LOG_LEVEL".into(), "info".into())],
-            webhook: None,
         }
+    }
+}
+
+impl NodeOptions {
+    /// The mesh config of the node's control plane (`controlPlaneAddress` is its own).
+    fn mesh_config(&self, control_plane: &str) -> String {
+        format!(
+            "controlPlaneAddress: {control_plane}\nnativeSidecar: \"{}\"\nterminationDrainDuration: 5s\nprotocolDetectionTimeout: {}ms\n",
+            self.native_sidecars,
+            self.detect_timeout.as_millis()
+        )
     }
 }
 
@@ -145,9 +140,7 @@ struct State {
     next_vip: u16,
     services: Vec<(Service, Vec<IpAddr>)>,
     pods: Vec<PodRun>,
-    peer_auths: Vec<PeerAuth>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    version: u64,
 }
 
 /// A local node. Dropping it tears everything down.
@@ -158,11 +151,13 @@ pub struct LocalNode {
     cgroup: PathBuf,
     bins: PathBuf,
     ca: Ca,
-    rogue_ca: Ca,
-    trust_domain: String,
+    tokens: TokenSigner,
+    config_dir: PathBuf,
     options: NodeOptions,
     state: Mutex<State>,
-    webhook: Mutex<Option<admission::Webhook>>,
+    control_plane: Mutex<Option<ControlPlane>>,
+    rogue: Mutex<Option<ControlPlane>>,
+    sync_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -192,6 +187,7 @@ impl LocalNode {
             "weft-redirector",
             "weft-sample-app",
             "weft-pod-exec",
+            "weft-webhook",
         ] {
             binaries::path(b)?;
         }
@@ -213,26 +209,32 @@ impl LocalNode {
             dir,
             cgroup: cgroup.clone(),
             bins,
-            ca: Ca::new("weft local node mesh root")?,
-            rogue_ca: Ca::new("rogue root")?,
-            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            ca: Ca::new("weft local node reference root")?,
+            tokens: TokenSigner::new()?,
+            config_dir: PathBuf::new(),
             options,
             state: Mutex::new(State {
                 next_pod: 2,
                 next_vip: 10,
                 ..Default::default()
             }),
-            webhook: Mutex::new(None),
+            control_plane: Mutex::new(None),
+            rogue: Mutex::new(None),
+            sync_seq: AtomicU64::new(0),
         };
+        let mut node = node;
+        node.config_dir = node.dir.path().join("config");
         // From here on, Drop cleans up whatever was created.
         fs::create_dir_all(&cgroup)
             .with_context(|| format!("create cgroup {}", cgroup.display()))?;
         network::create_node(&ns)?;
-        if let Some(mesh) = &node.options.webhook {
-            binaries::path("weft-webhook")?;
-            let webhook = admission::Webhook::start(&node.bins, &ns, node.dir.path(), mesh, &[])?;
-            *node.webhook.lock().unwrap_or_else(|p| p.into_inner()) = Some(webhook);
-        }
+        fs::create_dir_all(&node.config_dir)?;
+        fs::write(
+            node.dir.path().join("token-key.pub"),
+            &node.tokens.public_pem,
+        )?;
+        let cp = node.start_control_plane("control-plane", 443, 15012)?;
+        *node.control_plane.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
         tracing::info!(node = %node.id, "local node started");
         Ok(node)
     }
@@ -247,11 +249,6 @@ impl LocalNode {
         self.dir.path()
     }
 
-    /// PEM of the mesh root.
-    pub fn root_cert_pem(&self) -> &str {
-        &self.ca.cert_pem
-    }
-
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -261,13 +258,15 @@ impl LocalNode {
     /// ignored. Returns the pods started.
     pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<Vec<PodRef>> {
         let mut started = Vec::new();
+        let mut config_changed = false;
         for (i, doc) in serde_yaml_ng::Deserializer::from_str(yaml).enumerate() {
-            let value = serde_json::Value::deserialize_from(doc)
+            let mut value = serde_json::Value::deserialize_from(doc)
                 .with_context(|| format!("document {i}: not YAML"))?;
             if value.is_null() {
                 continue;
             }
             let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+            let api_version = value["apiVersion"].as_str().unwrap_or_default().to_owned();
             match kind.as_str() {
                 "Service" => {
                     self.create_service(serde_json::from_value(value).context("Service")?)?;
@@ -278,9 +277,6 @@ impl LocalNode {
                     for pod in fixtures::pods_of(&d)? {
                         started.push(self.run_pod(pod)?);
                     }
-                }
-                "PeerAuthentication" => {
-                    self.set_peer_authentication(PeerAuth::from_value(&value)?)?
                 }
                 "Namespace" => {
                     let name = value["metadata"]["name"]
@@ -295,47 +291,76 @@ impl LocalNode {
                                 .collect()
                         })
                         .unwrap_or_default();
-                    self.state().namespaces.insert(name, labels);
+                    self.state().namespaces.insert(name.clone(), labels);
+                    self.publish("Namespace", "", &name, &value)?;
+                    config_changed = true;
                 }
                 "ServiceAccount" | "ConfigMap" => {}
+                _ if api_version.contains("istio.io/")
+                    || api_version.starts_with("gateway.networking.k8s.io/")
+                    || api_version.starts_with("split.smi-spec.io/") =>
+                {
+                    // Mesh config: the control plane reads it from the node's directory.
+                    let meta = &mut value["metadata"];
+                    if meta["namespace"].is_null() {
+                        meta["namespace"] = "default".into();
+                    }
+                    let ns = meta["namespace"].as_str().unwrap_or("default").to_owned();
+                    let name = meta["name"]
+                        .as_str()
+                        .with_context(|| format!("document {i}: {kind} without a name"))?
+                        .to_owned();
+                    self.publish(&kind, &ns, &name, &value)?;
+                    config_changed = true;
+                }
                 other => bail!("document {i}: the local node does not run kind {other:?}"),
             }
+        }
+        if config_changed {
+            self.sync(Duration::from_secs(20))?;
         }
         Ok(started)
     }
 
-    /// Adds a Service and assigns its VIP.
-    pub fn create_service(&self, mut svc: Service) -> anyhow::Result<IpAddr> {
-        let mut st = self.state();
-        if svc.metadata.namespace.is_none() {
-            svc.metadata.namespace = Some("default".into());
-        }
-        let n = st.next_vip;
-        st.next_vip += 1;
-        let (v4, v6) = (IpAddr::V4(Subnet::vip4(n)), IpAddr::V6(Subnet::vip6(n)));
-        let spec = svc.spec.get_or_insert_with(Default::default);
-        spec.cluster_ip = Some(v4.to_string());
-        spec.cluster_ips = Some(vec![v4.to_string(), v6.to_string()]);
-        st.services.push((svc, vec![v4, v6]));
-        let all: Vec<(String, String)> = st
-            .pods
-            .iter()
-            .map(|p| (p.r.netns.clone(), p.r.namespace.clone()))
-            .collect();
-        for (netns, namespace) in all {
-            self.write_hosts(&st, &netns, &namespace, None)?;
-        }
-        self.refresh_configs(&mut st)?;
-        Ok(v4)
+    /// Removes a config object applied with [`LocalNode::apply_yaml`].
+    pub fn delete_config(&self, kind: &str, namespace: &str, name: &str) -> anyhow::Result<()> {
+        self.unpublish(kind, namespace, name)?;
+        self.sync(Duration::from_secs(20))
     }
 
-    /// Adds or replaces a PeerAuthentication.
-    pub fn set_peer_authentication(&self, pa: PeerAuth) -> anyhow::Result<()> {
-        let mut st = self.state();
-        st.peer_auths
-            .retain(|p| !(p.namespace == pa.namespace && p.name == pa.name));
-        st.peer_auths.push(pa);
-        self.refresh_configs(&mut st)
+    /// Adds a Service and assigns its VIPs.
+    pub fn create_service(&self, mut svc: Service) -> anyhow::Result<IpAddr> {
+        let v4 = {
+            let mut st = self.state();
+            if svc.metadata.namespace.is_none() {
+                svc.metadata.namespace = Some("default".into());
+            }
+            let n = st.next_vip;
+            st.next_vip += 1;
+            let (v4, v6) = (IpAddr::V4(Subnet::vip4(n)), IpAddr::V6(Subnet::vip6(n)));
+            let spec = svc.spec.get_or_insert_with(Default::default);
+            spec.cluster_ip = Some(v4.to_string());
+            spec.cluster_ips = Some(vec![v4.to_string(), v6.to_string()]);
+            st.services.push((svc.clone(), vec![v4, v6]));
+            let all: Vec<(String, String)> = st
+                .pods
+                .iter()
+                .map(|p| (p.r.netns.clone(), p.r.namespace.clone()))
+                .collect();
+            for (netns, namespace) in all {
+                self.write_hosts(&st, &netns, &namespace, None)?;
+            }
+            v4
+        };
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc
+            .metadata
+            .name
+            .clone()
+            .context("Service without a name")?;
+        self.publish("Service", &ns, &name, &serde_json::to_value(&svc)?)?;
+        self.sync(Duration::from_secs(20))?;
+        Ok(v4)
     }
 
     /// Sets a label on a namespace (`istio-injection=enabled` turns on injection there).
@@ -347,14 +372,10 @@ impl LocalNode {
             .insert(key.to_owned(), value.to_owned());
     }
 
-    /// What the API server does before storing a pod: when the webhook runs and the pod's
-    /// namespace is labelled `istio-injection=enabled` (or the pod
-    /// `sidecar.istio.io/inject=true`), the webhook's patch. Returns the webhook's warnings.
+    /// What the API server does before storing a pod: when the pod's namespace is labelled
+    /// `istio-injection=enabled` (or the pod `sidecar.istio.io/inject=true`), the injection
+    /// webhook's patch. Returns the webhook's warnings.
     pub fn admit(&self, pod: Pod) -> anyhow::Result<(Pod, Vec<String>)> {
-        let guard = self.webhook.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(webhook) = guard.as_ref() else {
-            return Ok((pod, Vec::new()));
-        };
         let ns = pod
             .metadata
             .namespace
@@ -375,12 +396,14 @@ impl LocalNode {
         if !(ns_enabled || pod_enabled) {
             return Ok((pod, Vec::new()));
         }
-        webhook.mutate(&pod)
+        let guard = self.control_plane.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().context("no control plane")?.mutate(&pod)
     }
 
-    /// Creates a pod and runs it: admission (the injection webhook when enabled), network,
-    /// volumes, init containers in order, native sidecars until they are started, containers
-    /// with their postStart hooks, then waits until every readiness probe passes.
+    /// Creates a pod and runs it: admission (the injection webhook), network, volumes, init
+    /// containers in order, native sidecars until they are started, containers with their
+    /// postStart hooks; then waits until every readiness probe passes, publishes the pod as
+    /// ready (an endpoint from then on) and waits until every proxy has the new config.
     pub fn run_pod(&self, pod: Pod) -> anyhow::Result<PodRef> {
         let (mut pod, warnings) = self.admit(pod)?;
         for w in warnings {
@@ -437,16 +460,59 @@ impl LocalNode {
             });
             (n, r, dir, cgroup)
         };
-        pod.status = Some(PodStatus {
-            pod_ip: Some(r.ip.to_string()),
-            host_ip: Some(Subnet::GATEWAY4.to_string()),
-            phase: Some("Pending".into()),
-            ..Default::default()
-        });
+        pod.status = Some(pod_status(&r, false));
+        let control_plane = self.pod_overrides(&mut pod)?;
         self.with_pod(&r, |p| p.pod = pod.clone())?;
-        self.start_pod(n, &r, &pod, &dir, &cgroup, meshed)
+        self.publish("Pod", &ns, &name, &serde_json::to_value(&pod)?)?;
+        self.start_pod(n, &r, &pod, &dir, &cgroup, &control_plane)
             .with_context(|| format!("pod {ns}/{name}: {}", self.pod_logs_tail(&r)))?;
         Ok(r)
+    }
+
+    /// The local-node-only annotations: a proxy presenting another service account's token
+    /// ([`ANNOTATION_TOKEN_SA`]) or using a control plane with another root
+    /// ([`ANNOTATION_CA`]). Returns the root certificate the pod trusts.
+    fn pod_overrides(&self, pod: &mut Pod) -> anyhow::Result<String> {
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let mut env = Vec::new();
+        if let Some(sa) = annotations.get(ANNOTATION_TOKEN_SA) {
+            env.push(("SERVICE_ACCOUNT".to_owned(), sa.clone()));
+        }
+        let root = match annotations.get(ANNOTATION_CA).map(String::as_str) {
+            Some("rogue") => {
+                let mut rogue = self.rogue.lock().unwrap_or_else(|p| p.into_inner());
+                if rogue.is_none() {
+                    *rogue = Some(self.start_control_plane("rogue-control-plane", 444, 15013)?);
+                }
+                let cp = rogue.as_ref().context("rogue control plane")?;
+                env.push(("WEFT_CONTROL_PLANE".to_owned(), cp.address.clone()));
+                cp.root_cert_pem.clone()
+            }
+            Some(other) => bail!("{ANNOTATION_CA}: unknown value {other:?} (only \"rogue\")"),
+            None => self.root_cert_pem(),
+        };
+        if !env.is_empty()
+            && let Some(spec) = pod.spec.as_mut()
+        {
+            for c in spec
+                .init_containers
+                .iter_mut()
+                .flatten()
+                .chain(spec.containers.iter_mut())
+                .filter(|c| c.name == "weft-proxy")
+            {
+                let list = c.env.get_or_insert_with(Vec::new);
+                for (k, v) in &env {
+                    list.retain(|e| &e.name != k);
+                    list.push(k8s_openapi::api::core::v1::EnvVar {
+                        name: k.clone(),
+                        value: Some(v.clone()),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        Ok(root)
     }
 
     fn start_pod(
@@ -456,7 +522,7 @@ impl LocalNode {
         pod: &Pod,
         dir: &Path,
         cgroup: &Path,
-        meshed: bool,
+        root_cert: &str,
     ) -> anyhow::Result<()> {
         fs::create_dir_all(dir)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
@@ -467,12 +533,7 @@ impl LocalNode {
             let st = self.state();
             self.write_hosts(&st, &r.netns, &r.namespace, Some((r.ip, &r.name)))?;
         }
-        self.prepare_volumes(pod, dir)?;
-        if meshed {
-            self.write_identity(pod, dir)?;
-            let mut st = self.state();
-            self.refresh_configs(&mut st)?;
-        }
+        self.prepare_volumes(pod, dir, root_cert)?;
         let spec = pod.spec.as_ref().context("pod has no spec")?;
         for c in spec.init_containers.iter().flatten() {
             let sidecar = c.restart_policy.as_deref() == Some("Always");
@@ -525,16 +586,15 @@ impl LocalNode {
                 self.wait_probe(r, &c.name, probe, Duration::from_secs(30))?;
             }
         }
-        let mut st = self.state();
-        if let Some(p) = st.pods.iter_mut().find(|p| p.r == *r) {
+        let ready = {
+            let mut st = self.state();
+            let p = st.pods.iter_mut().find(|p| p.r == *r).context("pod gone")?;
             p.running = true;
-            if let Some(s) = p.pod.status.as_mut() {
-                s.phase = Some("Running".into());
-            }
-        }
-        self.refresh_configs(&mut st)?;
-        drop(st);
-        self.wait_config_applied(Duration::from_secs(15))?;
+            p.pod.status = Some(pod_status(r, true));
+            p.pod.clone()
+        };
+        self.publish("Pod", &r.namespace, &r.name, &serde_json::to_value(&ready)?)?;
+        self.sync(Duration::from_secs(20))?;
         tracing::info!(pod = %r.name, ip = %r.ip, "pod running");
         Ok(())
     }
@@ -646,7 +706,7 @@ impl LocalNode {
             env.push((e.name.clone(), value));
         }
         let is_proxy = self.program(c).is_ok_and(|p| p.ends_with("weft-proxy"));
-        let mut argv: Vec<String> = match argv_override {
+        let argv: Vec<String> = match argv_override {
             Some(a) => {
                 let mut a = a;
                 if let Some(first) = a.first_mut()
@@ -663,17 +723,11 @@ impl LocalNode {
                 a
             }
         };
-        if is_proxy && !argv.is_empty() && !argv.iter().any(|a| a == "wait") {
-            // Static config source of the local node (replaced by the control plane stream).
-            argv.push(format!(
-                "--config={}",
-                dir.join("weft/config.yaml").display()
-            ));
-            env.push((
-                "WEFT_CONFIG_POLL_INTERVAL".into(),
-                format!("{}ms", self.options.config_poll.as_millis()),
-            ));
-            env.extend(self.options.proxy_env.iter().cloned());
+        if is_proxy && !argv.iter().any(|a| a == "wait") {
+            for (k, v) in &self.options.proxy_env {
+                env.retain(|(name, _)| name != k);
+                env.push((k.clone(), v.clone()));
+            }
         }
         let sc = c.security_context.as_ref();
         let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
@@ -980,10 +1034,11 @@ impl LocalNode {
                 .iter()
                 .position(|p| p.r == *r)
                 .with_context(|| format!("no pod {}", r.name))?;
-            let run = st.pods.remove(i);
-            self.refresh_configs(&mut st)?;
-            run
+            st.pods.remove(i)
         };
+        // The endpoint goes first, as the API server removes it when deletion starts.
+        self.unpublish("Pod", &r.namespace, &r.name)?;
+        self.sync(Duration::from_secs(20))?;
         teardown_pod(run, grace);
         Ok(())
     }
@@ -1033,9 +1088,26 @@ impl LocalNode {
         Ok(())
     }
 
-    fn prepare_volumes(&self, pod: &Pod, dir: &Path) -> anyhow::Result<()> {
+    fn prepare_volumes(&self, pod: &Pod, dir: &Path, root_cert: &str) -> anyhow::Result<()> {
         let root = dir.join("volumes");
         fs::create_dir_all(&root)?;
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        // The token's service account: the pod's, unless a test makes it present another's.
+        let sa = annotations
+            .get(ANNOTATION_TOKEN_SA)
+            .cloned()
+            .unwrap_or_else(|| {
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".into())
+            });
         for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
             let path = root.join(&v.name);
             fs::create_dir_all(&path)?;
@@ -1044,23 +1116,23 @@ impl LocalNode {
             if let Some(cm) = &v.config_map
                 && cm.name == "weft-ca-root-cert"
             {
-                write_file(&path.join("root-cert.pem"), &self.ca.cert_pem, 0o644)?;
+                write_file(&path.join("root-cert.pem"), root_cert, 0o644)?;
             }
             if let Some(projected) = &v.projected {
                 for source in projected.sources.iter().flatten() {
                     if let Some(t) = &source.service_account_token {
-                        // Until the control plane's CA verifies tokens, a marker token names the
-                        // pod's service account.
-                        let token = format!(
-                            "local-node-token:{}",
-                            mesh::pod_identity(pod, &self.trust_domain)
-                        );
+                        let audience = t.audience.clone().unwrap_or_else(|| "kubernetes".into());
+                        let ttl = t
+                            .expiration_seconds
+                            .and_then(|s| u64::try_from(s).ok())
+                            .unwrap_or(3600);
+                        let token = self.tokens.sign(&ns, &sa, &name, &audience, ttl)?;
                         write_file(&path.join(&t.path), &token, 0o644)?;
                     }
                     if let Some(cm) = &source.config_map
                         && cm.name == "weft-ca-root-cert"
                     {
-                        write_file(&path.join("root-cert.pem"), &self.ca.cert_pem, 0o644)?;
+                        write_file(&path.join("root-cert.pem"), root_cert, 0o644)?;
                     }
                 }
             }
@@ -1068,125 +1140,183 @@ impl LocalNode {
         Ok(())
     }
 
-    fn write_identity(&self, pod: &Pod, dir: &Path) -> anyhow::Result<()> {
-        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-        let id = annotations
-            .get(ANNOTATION_IDENTITY)
-            .cloned()
-            .unwrap_or_else(|| mesh::pod_identity(pod, &self.trust_domain));
-        let ca = match annotations.get(ANNOTATION_CA).map(String::as_str) {
-            Some("rogue") => &self.rogue_ca,
-            _ => &self.ca,
-        };
-        let issued = ca.issue(&id)?;
-        let certs = dir.join("weft");
-        fs::create_dir_all(&certs)?;
-        fs::set_permissions(&certs, fs::Permissions::from_mode(0o755))?;
-        write_file(&certs.join("cert-chain.pem"), &issued.cert_pem, 0o644)?;
-        write_file(&certs.join("key.pem"), &issued.key_pem, 0o600)?;
-        nix::unistd::chown(
-            &certs.join("key.pem"),
-            Some(nix::unistd::Uid::from_raw(weft_api::bootstrap::PROXY_UID)),
-            Some(nix::unistd::Gid::from_raw(weft_api::bootstrap::PROXY_UID)),
-        )?;
-        write_file(&certs.join("root-cert.pem"), &self.ca.cert_pem, 0o644)?;
-        Ok(())
+    /// The mesh root of the node's control plane.
+    pub fn root_cert_pem(&self) -> String {
+        self.control_plane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.root_cert_pem.clone())
+            .unwrap_or_default()
     }
 
-    /// Rewrites every meshed pod's config file with a new version.
-    fn refresh_configs(&self, st: &mut State) -> anyhow::Result<()> {
-        st.version += 1;
-        let views: Vec<PodView<'_>> = st
-            .pods
-            .iter()
-            .filter(|p| p.running || p.meshed)
-            .map(|p| PodView {
-                pod: &p.pod,
-                ip: IpAddr::V4(p.r.ip),
-                meshed: p.meshed,
-            })
-            .collect();
-        let running: Vec<PodView<'_>> = views
-            .iter()
-            .filter(|v| {
-                st.pods
-                    .iter()
-                    .any(|p| std::ptr::eq(&p.pod, v.pod) && p.running)
-            })
-            .map(|v| PodView {
-                pod: v.pod,
-                ip: v.ip,
-                meshed: v.meshed,
-            })
-            .collect();
-        let inputs = mesh::Inputs {
-            services: &st.services,
-            pods: &running,
-            peer_auths: &st.peer_auths,
-            trust_domain: &self.trust_domain,
-            version: st.version,
-            detect_timeout_ms: u64::try_from(self.options.detect_timeout.as_millis())
-                .unwrap_or(u64::MAX),
+    fn start_control_plane(
+        &self,
+        name: &str,
+        webhook_port: u16,
+        control_port: u16,
+    ) -> anyhow::Result<ControlPlane> {
+        let inst = Instance {
+            dir: self.dir.path().join(name),
+            config_dir: self.config_dir.clone(),
+            token_key: self.dir.path().join("token-key.pub"),
+            webhook_port,
+            control_port,
+            cgroup: self.cgroup.join(name),
         };
-        for (p, view) in st.pods.iter().zip(views.iter()).filter(|(p, _)| p.meshed) {
-            let certs = p.dir.join("weft");
-            let identity = IdentityFiles {
-                cert_chain: certs.join("cert-chain.pem").display().to_string(),
-                private_key: certs.join("key.pem").display().to_string(),
-                root_cert: certs.join("root-cert.pem").display().to_string(),
-            };
-            let snapshot = mesh::snapshot(&inputs, view, identity);
-            fs::create_dir_all(&certs)?;
-            write_file(
-                &certs.join("config.yaml"),
-                &serde_yaml_ng::to_string(&snapshot)?,
-                0o644,
-            )?;
+        let address = format!("{}:{control_port}", controlplane::NODE_IP);
+        ControlPlane::start(
+            &self.bins,
+            &self.ns,
+            &inst,
+            &self.options.mesh_config(&address),
+        )
+    }
+
+    /// Kills the control plane and starts it again (same CA, same config directory), as a
+    /// crash and a restart would. Proxies keep their config meanwhile and reconnect.
+    pub fn restart_control_plane(&self, down_for: Duration) -> anyhow::Result<()> {
+        {
+            let mut guard = self.control_plane.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(cp) = guard.as_mut() {
+                cp.kill();
+            }
+            *guard = None;
         }
+        std::thread::sleep(down_for);
+        let cp = self.start_control_plane("control-plane", 443, 15012)?;
+        *self.control_plane.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
         Ok(())
     }
 
-    /// Waits until every meshed, started proxy reports the latest config version.
-    pub fn wait_config_applied(&self, timeout: Duration) -> anyhow::Result<()> {
-        let (version, pods) = {
+    /// The control plane's log.
+    pub fn control_plane_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("control-plane/control-plane.log"))
+            .unwrap_or_default()
+    }
+
+    fn object_path(&self, kind: &str, namespace: &str, name: &str) -> PathBuf {
+        let clean = |s: &str| {
+            s.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '.',
+                "_",
+            )
+        };
+        self.config_dir.join(format!(
+            "{}-{}-{}.yaml",
+            clean(kind),
+            clean(namespace),
+            clean(name)
+        ))
+    }
+
+    /// Writes an object where the control plane reads it (atomically).
+    fn publish(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        value: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let path = self.object_path(kind, namespace, name);
+        write_file(&path, &serde_yaml_ng::to_string(value)?, 0o644)
+    }
+
+    fn unpublish(&self, kind: &str, namespace: &str, name: &str) -> anyhow::Result<()> {
+        match fs::remove_file(self.object_path(kind, namespace, name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until the control plane has read everything written so far and every running
+    /// proxy has acknowledged a view at least that recent. A marker object changes on every
+    /// call, so there is always a new generation to wait for.
+    pub fn sync(&self, timeout: Duration) -> anyhow::Result<()> {
+        let seq = self.sync_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let marker = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "weft-localnode-sync", "labels": {"weft.dev/sync": seq.to_string()}},
+        });
+        let before = self.with_control_planes(|cp| cp.sync_status().map(|s| s.generation))?;
+        self.publish("Namespace", "", "weft-localnode-sync", &marker)?;
+        let deadline = Instant::now() + timeout;
+        // The control plane reads the marker: its generation moves past what it was.
+        let targets = loop {
+            let now = self.with_control_planes(|cp| cp.sync_status().map(|s| s.generation))?;
+            if now.iter().zip(&before).all(|(n, b)| n > b) {
+                break now;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the control plane did not read the config directory"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let proxies: Vec<String> = {
             let st = self.state();
-            let pods: Vec<PodRef> = st
-                .pods
+            st.pods
                 .iter()
                 .filter(|p| p.meshed)
-                .map(|p| p.r.clone())
-                .collect();
-            (st.version, pods)
+                .map(|p| format!("{}/{}", p.r.namespace, p.r.name))
+                .collect()
         };
-        let deadline = Instant::now() + timeout;
-        for r in pods {
-            loop {
-                if !self.proxy_running(&r) {
-                    // A proxy that has exited (a finished Job) has nothing to apply.
-                    break;
+        loop {
+            let statuses = self.with_control_planes(|cp| cp.sync_status())?;
+            let mut lagging = Vec::new();
+            for name in &proxies {
+                let Some(pod) = self.pod_by_label(name) else {
+                    continue;
+                };
+                if !self.proxy_running(&pod) {
+                    continue;
                 }
-                let seen = self
-                    .http_get(
-                        IpAddr::V4(r.ip),
-                        weft_api::bootstrap::PORT_READINESS,
-                        "/healthz/ready",
-                    )
-                    .ok()
-                    .and_then(|(_, headers)| headers.get("x-weft-config-version").cloned())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if seen.is_some_and(|v| v >= version) {
-                    break;
+                let synced = statuses.iter().zip(&targets).any(|(s, target)| {
+                    s.proxies
+                        .iter()
+                        .any(|p| &p.proxy == name && p.synced(*target))
+                });
+                if !synced {
+                    lagging.push(name.clone());
                 }
-                if Instant::now() > deadline {
-                    bail!(
-                        "proxy of {} did not apply config version {version} (it has {seen:?})",
-                        r.name
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            }
+            if lagging.is_empty() {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "proxies did not acknowledge the config at generation {targets:?}: {lagging:?} (control plane: {statuses:?})\n{}",
+                tail(&self.control_plane_log(), 30)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pod_by_label(&self, label: &str) -> Option<PodRef> {
+        let (ns, name) = label.split_once('/')?;
+        self.pod(ns, name)
+    }
+
+    /// Runs `f` on every control plane of the node (the main one, and the rogue one when a
+    /// test started it).
+    fn with_control_planes<T>(
+        &self,
+        f: impl Fn(&ControlPlane) -> anyhow::Result<T>,
+    ) -> anyhow::Result<Vec<T>> {
+        let mut out = Vec::new();
+        for slot in [&self.control_plane, &self.rogue] {
+            let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(cp) = guard.as_ref() {
+                out.push(f(cp)?);
             }
         }
-        Ok(())
+        Ok(out)
+    }
+
+    /// Compatibility name of [`LocalNode::sync`].
+    pub fn wait_config_applied(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.sync(timeout)
     }
 
     /// True while the pod's `weft-proxy` process runs.
@@ -1544,6 +1674,36 @@ fn sweep_stale() {
     }
 }
 
+/// A pod's status as the node publishes it: its addresses, and Ready once its probes pass
+/// (endpoints only count ready pods).
+fn pod_status(r: &PodRef, ready: bool) -> PodStatus {
+    PodStatus {
+        pod_ip: Some(r.ip.to_string()),
+        pod_ips: Some(vec![
+            k8s_openapi::api::core::v1::PodIP {
+                ip: r.ip.to_string(),
+            },
+            k8s_openapi::api::core::v1::PodIP {
+                ip: r.ip6.to_string(),
+            },
+        ]),
+        host_ip: Some(Subnet::GATEWAY4.to_string()),
+        phase: Some(if ready { "Running" } else { "Pending" }.into()),
+        conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+            type_: "Ready".into(),
+            status: if ready { "True" } else { "False" }.into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// The last `n` lines of a log.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 fn hosts_path(netns: &str) -> PathBuf {
     Path::new("/etc/netns").join(netns).join("hosts")
 }
@@ -1734,8 +1894,13 @@ impl LocalNode {
         .with_context(|| format!("no running container {container} in {}", r.name))
     }
 
-    /// Issues a certificate from the mesh root with a DNS name and a SPIFFE ID (for reference
-    /// proxies in benchmarks): (certificate PEM, key PEM).
+    /// PEM of the node's reference CA (not the mesh's): for reference proxies in benchmarks.
+    pub fn reference_ca_pem(&self) -> &str {
+        &self.ca.cert_pem
+    }
+
+    /// Issues a certificate from the reference CA with a DNS name and a SPIFFE ID (for
+    /// reference proxies in benchmarks): (certificate PEM, key PEM).
     pub fn issue_cert(&self, dns: &str, spiffe_id: &str) -> anyhow::Result<(String, String)> {
         let issued = self.ca.issue_with_dns(dns, spiffe_id)?;
         Ok((issued.cert_pem, issued.key_pem))

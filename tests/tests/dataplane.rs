@@ -32,7 +32,7 @@ fn genesis(node: &LocalNode) -> (PodRef, PodRef) {
     node.create_service(fixtures::service("genesis", "service-a", &[(8081, "http")]))
         .expect("service-a");
     let b = node
-        .run_pod(fixtures::manual_inject(fixtures::app_pod(
+        .run_pod(fixtures::meshed(fixtures::app_pod(
             "genesis",
             "service-b",
             "service-b",
@@ -52,7 +52,7 @@ fn genesis(node: &LocalNode) -> (PodRef, PodRef) {
         )))
         .expect("service-b pod");
     let a = node
-        .run_pod(fixtures::manual_inject(fixtures::client_pod(
+        .run_pod(fixtures::meshed(fixtures::client_pod(
             "genesis",
             "service-a",
             "service-a",
@@ -425,28 +425,40 @@ spec:
 #[ignore = "needs root: run by cargo xtask test"]
 fn peers_with_a_wrong_identity_or_another_root_are_rejected() {
     let node = LocalNode::start().expect("node");
-    let (a, _b) = genesis(&node);
-    // A pod of service "impostor" whose certificate names another service account than the
-    // one the mesh expects for it.
-    node.create_service(fixtures::service("genesis", "impostor", &[(8080, "http")]))
-        .expect("svc");
-    let mut pod = fixtures::app_pod(
-        "genesis",
-        "impostor",
-        "impostor",
-        "impostor",
-        &["--http", "8080"],
+    let (a, b) = genesis(&node);
+    // An endpoint the config says runs as sa/impostor, while service-b's pod answers there:
+    // its certificate names sa/service-b, and A must refuse it.
+    node.apply_yaml(&format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: impostor, namespace: genesis}}
+spec:
+  hosts: [impostor.genesis.svc.cluster.local]
+  addresses: [10.96.200.1]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {}, serviceAccount: impostor}}]
+"#,
+        b.ip
+    ))
+    .expect("service entry");
+    let r = http(&node, &a, &["http://10.96.200.1:8080/"]);
+    assert_eq!(r.ok, 0, "{r:?}");
+    assert_eq!(r.statuses.get(&503), Some(&1), "{r:?}");
+    assert_eq!(
+        r.servers.len(),
+        0,
+        "the peer's app must never see the request"
     );
-    pod.metadata.annotations = Some(
-        [(
-            weft_tests::localnode::ANNOTATION_IDENTITY.to_string(),
-            B_ID.to_string(),
-        )]
-        .into(),
+    let logs = node.logs(&a, "weft-proxy");
+    assert!(
+        logs.contains("IdentityMismatch") && logs.contains("sa/impostor"),
+        "{logs}"
     );
-    node.run_pod(fixtures::manual_inject(pod))
-        .expect("impostor");
-    // A pod of service "rogue" whose certificate comes from a root the mesh does not trust.
+
+    // A pod of service "rogue" whose proxy uses a control plane with another root.
     node.create_service(fixtures::service("genesis", "rogue", &[(8080, "http")]))
         .expect("svc");
     let mut pod = fixtures::app_pod("genesis", "rogue", "rogue", "rogue", &["--http", "8080"]);
@@ -457,19 +469,7 @@ fn peers_with_a_wrong_identity_or_another_root_are_rejected() {
         )]
         .into(),
     );
-    let rogue = node.run_pod(fixtures::manual_inject(pod)).expect("rogue");
-
-    let r = http(&node, &a, &["http://impostor:8080/"]);
-    assert_eq!(r.ok, 0, "{r:?}");
-    assert_eq!(r.statuses.get(&503), Some(&1), "{r:?}");
-    assert_eq!(
-        r.servers.len(),
-        0,
-        "the impostor's app must never see the request"
-    );
-    let logs = node.logs(&a, "weft-proxy");
-    assert!(logs.contains("IdentityMismatch"), "{logs}");
-
+    let rogue = node.run_pod(fixtures::meshed(pod)).expect("rogue");
     let r = http(&node, &a, &["http://rogue:8080/"]);
     assert_eq!(
         r.statuses.get(&503),
@@ -479,6 +479,29 @@ fn peers_with_a_wrong_identity_or_another_root_are_rejected() {
     // The rogue pod as a client: service-b refuses its certificate.
     let r = http(&node, &rogue, &["http://service-b:8080/"]);
     assert_eq!(r.ok, 0, "a client from another root: {r:?}");
+
+    // A proxy holding another service account's token (a stolen token) gets a certificate for
+    // that account, but the control plane refuses it the config of a pod that runs as another
+    // account: it never becomes ready.
+    let mut pod = fixtures::app_pod("genesis", "thief", "thief", "thief", &["--http", "8080"]);
+    pod.metadata.annotations = Some(
+        [(
+            weft_tests::localnode::ANNOTATION_TOKEN_SA.to_string(),
+            "service-b".to_string(),
+        )]
+        .into(),
+    );
+    let err = format!(
+        "{:#}",
+        node.run_pod(fixtures::meshed(pod)).expect_err("refused")
+    );
+    assert!(
+        err.contains("weft-proxy not ready")
+            && err.contains("refused the config stream (403")
+            && err.contains("runs as service account"),
+        "{err}"
+    );
+
     // And the legitimate path still works.
     let r = http(&node, &a, &["http://service-b:8080/"]);
     assert_eq!(r.ok, 1, "{r:?}");
@@ -535,7 +558,7 @@ fn config_reload_under_load_drops_no_established_connection() {
             &[(8080, "http")],
         ))
         .expect("svc");
-        node.run_pod(fixtures::manual_inject(fixtures::app_pod(
+        node.run_pod(fixtures::meshed(fixtures::app_pod(
             "genesis",
             &format!("extra-{i}"),
             &format!("extra-{i}"),

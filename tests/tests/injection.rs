@@ -81,7 +81,11 @@ fn call_b(node: &LocalNode, a: &PodRef, count: &str) -> HttpReport {
 #[ignore = "needs root: run by cargo xtask test"]
 fn deployments_in_a_labelled_namespace_are_meshed_by_the_webhook() {
     for native in [true, false] {
-        let node = LocalNode::start_with(NodeOptions::with_webhook(native)).expect("node");
+        let node = LocalNode::start_with(NodeOptions {
+            native_sidecars: native,
+            ..Default::default()
+        })
+        .expect("node");
         let pods = node.apply_yaml(GENESIS).expect("apply");
         assert_eq!(pods.len(), 3, "two service-b replicas and one service-a");
         let a = node.pod("genesis", "service-a-0").expect("service-a pod");
@@ -145,7 +149,11 @@ fn deployments_in_a_labelled_namespace_are_meshed_by_the_webhook() {
 #[ignore = "needs root: run by cargo xtask test"]
 fn a_job_pod_completes_in_both_sidecar_modes() {
     for native in [true, false] {
-        let node = LocalNode::start_with(NodeOptions::with_webhook(native)).expect("node");
+        let node = LocalNode::start_with(NodeOptions {
+            native_sidecars: native,
+            ..Default::default()
+        })
+        .expect("node");
         node.apply_yaml(GENESIS).expect("apply");
         // The Job pattern: the app does its work; in classic mode it then tells the proxy it
         // is done (native sidecars are stopped by the kubelet after the app exits).
@@ -190,7 +198,7 @@ spec:
 #[test]
 #[ignore = "needs root: run by cargo xtask test"]
 fn invalid_annotations_deny_the_pod_and_opt_outs_are_honoured() {
-    let node = LocalNode::start_with(NodeOptions::with_webhook(true)).expect("node");
+    let node = LocalNode::start_with(NodeOptions::default()).expect("node");
     node.label_namespace("genesis", "istio-injection", "enabled");
     let bad = r#"
 apiVersion: v1

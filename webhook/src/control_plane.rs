@@ -134,6 +134,7 @@ pub fn observability_router(discovery: Arc<Discovery>) -> Router {
         .route("/metrics", get(metrics))
         .route("/debug/config_dump", get(config_dump))
         .route("/debug/proxies", get(proxies))
+        .route("/debug/sync", get(sync))
         .with_state(discovery)
 }
 
@@ -145,6 +146,10 @@ pub fn router(state: Arc<ControlPlane>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state.clone())
         .merge(observability_router(state.discovery.clone()))
+}
+
+async fn sync(State(d): State<Arc<Discovery>>) -> Response {
+    axum::Json(d.sync_status()).into_response()
 }
 
 async fn metrics(State(d): State<Arc<Discovery>>) -> Response {

@@ -81,6 +81,8 @@ type OutboundKey = (String, BTreeMap<String, String>);
 pub struct Epoch {
     /// Sequence number.
     pub seq: u64,
+    /// The store generation the resources were taken at (or later).
+    pub generation: u64,
     /// The resources.
     pub resources: Arc<Resources>,
     /// When the first change of this epoch's burst happened.
@@ -89,9 +91,15 @@ pub struct Epoch {
 }
 
 impl Epoch {
-    fn new(seq: u64, resources: Arc<Resources>, changed_at: Instant) -> Arc<Epoch> {
+    fn new(
+        seq: u64,
+        generation: u64,
+        resources: Arc<Resources>,
+        changed_at: Instant,
+    ) -> Arc<Epoch> {
         Arc::new(Epoch {
             seq,
+            generation,
             resources,
             changed_at,
             cache: Mutex::new(HashMap::new()),
@@ -113,6 +121,20 @@ pub struct ProxyStatus {
     pub acked: Option<String>,
     /// Last refusal.
     pub nacked: Option<String>,
+    /// Store generation of the last view computed for it; with `acked == sent` the proxy is
+    /// up to date with the store at that generation.
+    pub generation: u64,
+}
+
+/// Whether proxies have caught up with the store (`GET /debug/sync`): what a harness waits on
+/// after changing the config.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncStatus {
+    /// The store's current generation.
+    pub generation: u64,
+    /// Every connected proxy.
+    pub proxies: Vec<ProxyStatus>,
 }
 
 /// The discovery service.
@@ -153,7 +175,7 @@ impl Discovery {
         trust_bundle: Vec<String>,
         debounce: Duration,
     ) -> Arc<Discovery> {
-        let epoch = Epoch::new(0, store.snapshot(), Instant::now());
+        let epoch = Epoch::new(0, store.generation(), store.snapshot(), Instant::now());
         Arc::new(Discovery {
             store,
             epochs: watch::Sender::new(epoch),
@@ -197,9 +219,12 @@ impl Discovery {
                 }
             }
             seq += 1;
+            // Read before the snapshot: the resources are at least this generation.
+            let at = self.store.generation();
             let resources = self.store.snapshot();
-            debug!(seq, "config epoch");
-            self.epochs.send_replace(Epoch::new(seq, resources, first));
+            debug!(seq, generation = at, "config epoch");
+            self.epochs
+                .send_replace(Epoch::new(seq, at, resources, first));
         }
     }
 
@@ -267,7 +292,7 @@ impl Discovery {
         let mesh = serde_json::to_vec(&MeshSettings {
             trust_domain: epoch.resources.settings.trust_domain.clone(),
             outbound_traffic_policy: shared.policy,
-            ..MeshSettings::default()
+            protocol_detection_timeout_ms: epoch.resources.settings.protocol_detection_timeout_ms,
         })?;
         let inbound = serde_json::to_vec(&translate::inbound::inbound(&epoch.resources, proxy))?;
         let bundle = serde_json::to_vec(&self.trust_bundle)?;
@@ -306,6 +331,14 @@ impl Discovery {
         let resources = self.store.snapshot();
         let pod = resources.pod(namespace, name)?;
         Some(translate::translate(&resources, &ProxyRef::from_pod(pod)))
+    }
+
+    /// The store generation and every connected proxy's progress.
+    pub fn sync_status(&self) -> SyncStatus {
+        SyncStatus {
+            generation: self.store.generation(),
+            proxies: self.proxies(),
+        }
     }
 
     /// The connected proxies.
@@ -416,6 +449,7 @@ impl Discovery {
                     sent: None,
                     acked: None,
                     nacked: None,
+                    generation: 0,
                 },
             );
         self.metrics.connected_proxies.inc();
@@ -554,9 +588,17 @@ impl Discovery {
                     last_hash = Some(hash);
                     self.metrics.pushes.inc();
                     debug!(proxy = %label, %version, bytes, "snapshot sent");
-                    self.set_status(stream_id, |s| s.sent = Some(version));
+                    let generation = epoch.generation;
+                    self.set_status(stream_id, |s| {
+                        s.sent = Some(version);
+                        s.generation = generation;
+                    });
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    // Same content as what the proxy has: it is current at this generation.
+                    let generation = epoch.generation;
+                    self.set_status(stream_id, |s| s.generation = generation);
+                }
                 Err(e) => {
                     warn!(proxy = %label, error = %e, "cannot compute the snapshot; the proxy keeps its last one")
                 }

@@ -148,6 +148,10 @@ pub struct MeshConfig {
     /// How long the classic-mode postStart hook waits for the proxy to become ready.
     #[serde(with = "duration_text")]
     pub proxy_ready_timeout: Duration,
+    /// Istio's `protocolDetectionTimeout`: how long proxies wait for a client's first bytes
+    /// on a port of undeclared protocol.
+    #[serde(with = "duration_text")]
+    pub protocol_detection_timeout: Duration,
     /// Audience of the projected service-account token the CA accepts.
     pub ca_audience: String,
     /// Lifetime of the projected token, seconds (Kubernetes minimum 600).
@@ -192,6 +196,7 @@ pub const FIELDS: &[&str] = &[
     "holdApplicationUntilProxyStarts",
     "terminationDrainDuration",
     "proxyReadyTimeout",
+    "protocolDetectionTimeout",
     "caAudience",
     "tokenExpirationSeconds",
     "rootCertConfigMap",
@@ -235,6 +240,9 @@ impl Default for MeshConfig {
             hold_application_until_proxy_starts: true,
             termination_drain_duration: Duration::from_secs(5),
             proxy_ready_timeout: Duration::from_secs(120),
+            protocol_detection_timeout: Duration::from_millis(
+                weft_api::config::DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS,
+            ),
             ca_audience: DEFAULT_CA_AUDIENCE.to_owned(),
             token_expiration_seconds: 43_200,
             root_cert_config_map: DEFAULT_ROOT_CERT_CONFIG_MAP.to_owned(),

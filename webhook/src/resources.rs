@@ -36,6 +36,8 @@ pub struct Settings {
     pub trust_domain: String,
     /// Namespace of mesh-wide policies (PeerAuthentication, Sidecar, DestinationRule).
     pub root_namespace: String,
+    /// Protocol detection timeout handed to proxies, milliseconds.
+    pub protocol_detection_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -43,6 +45,7 @@ impl Default for Settings {
         Self {
             trust_domain: weft_api::config::DEFAULT_TRUST_DOMAIN.to_owned(),
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+            protocol_detection_timeout_ms: weft_api::config::DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS,
         }
     }
 }
@@ -417,6 +420,10 @@ pub fn slim_pod(pod: Pod) -> Pod {
             pod_ip: s.pod_ip,
             pod_ips: s.pod_ips,
             phase: s.phase,
+            // Only the Ready condition: endpoints derived from pods honour it.
+            conditions: s
+                .conditions
+                .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
             ..PodStatus::default()
         }),
     }

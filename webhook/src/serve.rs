@@ -349,6 +349,8 @@ async fn start_control_plane(
     let store = Store::new(Settings {
         trust_domain: trust_domain.to_owned(),
         root_namespace: opts.root_namespace.clone(),
+        protocol_detection_timeout_ms: u64::try_from(mesh.protocol_detection_timeout.as_millis())
+            .unwrap_or(u64::MAX),
     });
     if let Some(dir) = &opts.local_dir {
         let mut source = LocalSource::new(dir.clone());

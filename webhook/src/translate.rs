@@ -174,7 +174,7 @@ pub fn translate(resources: &Resources, proxy: &ProxyRef) -> Snapshot {
         mesh: MeshSettings {
             trust_domain: resources.settings.trust_domain.clone(),
             outbound_traffic_policy: outbound.outbound_traffic_policy,
-            ..MeshSettings::default()
+            protocol_detection_timeout_ms: resources.settings.protocol_detection_timeout_ms,
         },
         identity: None,
         services: outbound.services,

@@ -763,3 +763,50 @@ fn corpus_samples_translate_to_valid_snapshots() {
         serde_json::to_value(translate(&r, &proxy(&r, "default", "ratings-v1-0"))).expect("json");
     assert!(v["services"].as_array().is_some_and(|s| !s.is_empty()));
 }
+
+#[test]
+fn dual_stack_vips_once_and_unready_pods_are_not_endpoints() {
+    let r = with(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: a}
+spec:
+  clusterIP: 10.96.7.7
+  clusterIPs: [10.96.7.7, "fd00:96::7"]
+  selector: {app: dual}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dual-ready, namespace: a, labels: {app: dual}}
+spec: {containers: [{name: app}]}
+status:
+  podIP: 10.44.9.1
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dual-starting, namespace: a, labels: {app: dual}}
+spec: {containers: [{name: app}]}
+status:
+  podIP: 10.44.9.2
+  conditions: [{type: Ready, status: "False"}]
+"#,
+    );
+    let s = translate(&r, &proxy(&r, "a", "client"));
+    s.validate().expect("a valid snapshot");
+    let svc = s
+        .services
+        .iter()
+        .find(|x| x.hostname == "dual.a.svc.cluster.local")
+        .expect("service");
+    assert_eq!(svc.vips.len(), 2, "{:?}", svc.vips);
+    let c = cluster(&s, "outbound|80||dual.a.svc.cluster.local");
+    let addrs: Vec<String> = c.endpoints.iter().map(|e| e.address.to_string()).collect();
+    assert_eq!(
+        addrs,
+        ["10.44.9.1"],
+        "a pod that is not Ready is not an endpoint"
+    );
+}

@@ -177,7 +177,7 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
 
     // The reference pair: HAProxy terminating and originating mTLS, as in tools/netbench.sh.
     let (ca, (cc, ck), (sc, sk)) = (
-        node.root_cert_pem().to_owned(),
+        node.reference_ca_pem().to_owned(),
         node.issue_cert("bench-client", "spiffe://cluster.local/ns/bench/sa/client")?,
         node.issue_cert("bench-server", "spiffe://cluster.local/ns/bench/sa/server")?,
     );
@@ -231,14 +231,14 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
         fixtures::client_pod("bench", "plain-client", "client"),
         &hc,
     ))?;
-    let mesh_server = node.run_pod(fixtures::manual_inject(fixtures::app_pod(
+    let mesh_server = node.run_pod(fixtures::meshed(fixtures::app_pod(
         "bench",
         "mesh-server",
         "bench-server",
         "server",
         &["--http", "8080"],
     )))?;
-    let mesh_client = node.run_pod(fixtures::manual_inject(fixtures::client_pod(
+    let mesh_client = node.run_pod(fixtures::meshed(fixtures::client_pod(
         "bench",
         "mesh-client",
         "client",

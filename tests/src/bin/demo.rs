@@ -60,14 +60,14 @@ fn run(node: &Mutex<Option<LocalNode>>) -> anyhow::Result<()> {
         println!("    {name}.genesis.svc.cluster.local -> {vip} (a VIP nothing routes)");
     }
     step("pods with the weft-init step and the weft-proxy sidecar");
-    let b = node.run_pod(fixtures::manual_inject(fixtures::app_pod(
+    let b = node.run_pod(fixtures::meshed(fixtures::app_pod(
         "genesis",
         "service-b",
         "service-b",
         "service-b",
         &["--http", "8080", "--http", "9090", "--tcp-echo", "9000"],
     )))?;
-    let a = node.run_pod(fixtures::manual_inject(fixtures::app_pod(
+    let a = node.run_pod(fixtures::meshed(fixtures::app_pod(
         "genesis",
         "service-a",
         "service-a",

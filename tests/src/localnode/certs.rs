@@ -39,11 +39,6 @@ impl Ca {
         })
     }
 
-    /// A workload certificate for `spiffe_id`, valid 24 hours.
-    pub fn issue(&self, spiffe_id: &str) -> anyhow::Result<Issued> {
-        self.issue_with_dns("", spiffe_id)
-    }
-
     /// A workload certificate for `spiffe_id` that also names `dns` (when not empty).
     pub fn issue_with_dns(&self, dns: &str, spiffe_id: &str) -> anyhow::Result<Issued> {
         let key = KeyPair::generate()?;

@@ -10,8 +10,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_api::bootstrap::{PORT_READINESS, PROXY_UID};
-use weft_api::redirect::InitArgs;
 
 /// A Service `name` in `namespace` selecting `app=<name>`, with `(port, port name)` pairs
 /// (the port name declares the protocol, Istio style: `http`, `grpc`, `tcp-echo`, …).
@@ -127,74 +125,13 @@ pub fn client_pod(namespace: &str, name: &str, sa: &str) -> Pod {
     app_pod(namespace, name, name, sa, &["--http", "8081"])
 }
 
-/// Adds what the injector adds, in its native-sidecar form: `weft-init` running
-/// `weft-redirector init` with Istio's defaults, and `weft-proxy` as a restartable init
-/// container (UID/GID 1337) whose startup probe orders it before the app. For tests of the
-/// data plane that do not go through the webhook.
-pub fn manual_inject(mut pod: Pod) -> Pod {
-    let spec = pod.spec.get_or_insert_with(Default::default);
-    let mut init_args = vec!["init".to_string()];
-    init_args.extend(InitArgs::default().to_args());
-    let ready = Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some("/healthz/ready".into()),
-            port: IntOrString::Int(i32::from(PORT_READINESS)),
-            ..Default::default()
-        }),
-        period_seconds: Some(1),
-        failure_threshold: Some(600),
-        ..Default::default()
-    };
-    let env = |name: &str, field: &str| k8s_openapi::api::core::v1::EnvVar {
-        name: name.into(),
-        value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
-            field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
-                field_path: field.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let proxy = Container {
-        name: "weft-proxy".into(),
-        image: Some("ghcr.io/weft-mesh/weft-proxy:dev".into()),
-        command: Some(vec!["weft-proxy".into()]),
-        restart_policy: Some("Always".into()),
-        env: Some(vec![
-            env("POD_NAME", "metadata.name"),
-            env("POD_NAMESPACE", "metadata.namespace"),
-            env("INSTANCE_IP", "status.podIP"),
-            env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        ]),
-        startup_probe: Some(ready.clone()),
-        readiness_probe: Some(ready),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(i64::from(PROXY_UID)),
-            run_as_group: Some(i64::from(PROXY_UID)),
-            run_as_non_root: Some(true),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let init = Container {
-        name: "weft-init".into(),
-        image: Some("ghcr.io/weft-mesh/weft-redirector:dev".into()),
-        command: Some(vec!["weft-redirector".into()]),
-        args: Some(init_args),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(0),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let inits = spec.init_containers.get_or_insert_with(Vec::new);
-    inits.insert(0, proxy);
-    inits.insert(0, init);
+/// Asks for injection (the pod label `sidecar.istio.io/inject: "true"`): the node sends the
+/// pod through the injection webhook, which adds `weft-init` and `weft-proxy`.
+pub fn meshed(mut pod: Pod) -> Pod {
     pod.metadata
         .labels
         .get_or_insert_with(BTreeMap::new)
-        .insert("security.istio.io/tlsMode".into(), "istio".into());
+        .insert("sidecar.istio.io/inject".into(), "true".into());
     pod
 }
 

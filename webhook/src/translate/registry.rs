@@ -182,6 +182,15 @@ fn pod_ready(pod: &Pod) -> Option<IpAddr> {
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
+    // As an EndpointSlice would: a pod whose Ready condition is False is not served yet.
+    let not_ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "False");
+    if not_ready {
+        return None;
+    }
     status.pod_ip.as_deref()?.parse().ok()
 }
 
@@ -272,7 +281,9 @@ fn kubernetes_service(
         .chain(spec.cluster_ip.iter())
         .filter_map(|ip| ip.parse().ok())
         .collect();
-    vips.dedup();
+    // `clusterIP` repeats the first of `clusterIPs`: keep each address once, in order.
+    let mut seen = std::collections::HashSet::new();
+    vips.retain(|ip| seen.insert(*ip));
     let ports: Vec<RegPort> = spec
         .ports
         .iter()

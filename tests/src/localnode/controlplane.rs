@@ -1,7 +1,9 @@
-//! The API server's admission step, as the local node plays it: `weft-webhook serve` runs in
-//! the node's network namespace, and every pod created in a namespace labelled
+//! The control plane of the local node: `weft-webhook serve` in local mode, in the node's
+//! network namespace. It reads the node's objects from a YAML directory the node keeps in
+//! step, signs workload certificates for tokens the node signs, streams config to proxies on
+//! 10.44.0.1:15012, and is the admission webhook: every pod created in a namespace labelled
 //! `istio-injection=enabled` is sent to it as a real `admission.k8s.io/v1` AdmissionReview
-//! over HTTPS; the JSON patch it answers is applied before the pod runs.
+//! over HTTPS, and the JSON patch it answers is applied before the pod runs.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -21,19 +23,41 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use super::network;
 use crate::exec::{ExecSpec, SPEC_ENV};
 
-/// Where the webhook listens in the node namespace.
-pub const WEBHOOK_ADDR: &str = "10.44.0.1:443";
-/// The name its serving certificate carries.
+/// The node's address on its bridge, where control planes listen.
+pub const NODE_IP: &str = "10.44.0.1";
+/// The name the webhook's serving certificate carries.
 const WEBHOOK_NAME: &str = "weft-control-plane.weft-system.svc";
 
-/// A running `weft-webhook serve`.
+/// A running control plane (and admission webhook).
 #[derive(Debug)]
-pub struct Webhook {
+pub struct ControlPlane {
     child: Child,
     ca: Vec<CertificateDer<'static>>,
     node_ns: String,
+    webhook_addr: SocketAddr,
+    /// `host:port` of its CA and discovery port.
+    pub address: String,
+    /// PEM of the mesh root it signs with (what pods get as `weft-ca-root-cert`).
+    pub root_cert_pem: String,
     /// Its log.
     pub log: PathBuf,
+}
+
+/// Ports and directories of one control-plane instance.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// Its own directory (CA, mesh config, log).
+    pub dir: PathBuf,
+    /// The YAML directory it reads (shared by every instance of a node).
+    pub config_dir: PathBuf,
+    /// Public key verifying the node's tokens.
+    pub token_key: PathBuf,
+    /// Webhook port.
+    pub webhook_port: u16,
+    /// CA and discovery port.
+    pub control_port: u16,
+    /// cgroup it runs in (removed with the node).
+    pub cgroup: PathBuf,
 }
 
 /// Why admission did not let a pod through.
@@ -41,36 +65,79 @@ pub struct Webhook {
 #[error("admission webhook denied the pod: {0}")]
 pub struct Denied(pub String);
 
-impl Webhook {
-    /// Starts the webhook with `mesh_config` (YAML) and `extra` arguments and waits until it
-    /// answers.
+/// What `/debug/sync` says.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct SyncStatus {
+    /// Store generation.
+    pub generation: u64,
+    /// Connected proxies.
+    pub proxies: Vec<ProxySync>,
+}
+
+/// One proxy in `/debug/sync`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ProxySync {
+    /// `namespace/name`.
+    pub proxy: String,
+    /// Last version sent.
+    pub sent: Option<String>,
+    /// Last version acknowledged.
+    pub acked: Option<String>,
+    /// Store generation its view is current at.
+    pub generation: u64,
+}
+
+impl ProxySync {
+    /// Up to date with the store at `generation`.
+    pub fn synced(&self, generation: u64) -> bool {
+        self.generation >= generation && self.sent.is_some() && self.sent == self.acked
+    }
+}
+
+impl ControlPlane {
+    /// Starts a control plane with `mesh_config` (YAML) and waits until it answers and its
+    /// root certificate is written.
     pub fn start(
         bins: &Path,
         node_ns: &str,
-        dir: &Path,
+        inst: &Instance,
         mesh_config: &str,
-        extra: &[String],
-    ) -> anyhow::Result<Webhook> {
+    ) -> anyhow::Result<ControlPlane> {
+        let dir = &inst.dir;
+        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(&inst.cgroup)?;
         let mesh = dir.join("mesh.yaml");
         std::fs::write(&mesh, mesh_config)?;
         let ca_out = dir.join("webhook-ca.pem");
         let _ = std::fs::remove_file(&ca_out);
-        let log = dir.join("webhook.log");
-        let mut argv = vec![
+        let log = dir.join("control-plane.log");
+        let webhook_addr: SocketAddr = format!("{NODE_IP}:{}", inst.webhook_port).parse()?;
+        let address = format!("{NODE_IP}:{}", inst.control_port);
+        let argv = vec![
             bins.join("weft-webhook").display().to_string(),
             "serve".into(),
             "--listen".into(),
-            WEBHOOK_ADDR.into(),
+            webhook_addr.to_string(),
             "--ca-out".into(),
             ca_out.display().to_string(),
             "--kubernetes".into(),
             "false".into(),
             "--mesh-config".into(),
             mesh.display().to_string(),
+            "--local-dir".into(),
+            inst.config_dir.display().to_string(),
+            "--ca-dir".into(),
+            dir.join("ca").display().to_string(),
+            "--token-public-key".into(),
+            inst.token_key.display().to_string(),
+            "--control-plane-listen".into(),
+            address.clone(),
+            "--serving-ip".into(),
+            NODE_IP.into(),
         ];
-        argv.extend(extra.iter().cloned());
         let spec = ExecSpec {
             netns: PathBuf::from(network::netns_path(node_ns)),
+            cgroup: Some(inst.cgroup.clone()),
             argv,
             env: vec![
                 ("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into()),
@@ -78,7 +145,10 @@ impl Webhook {
             ],
             ..Default::default()
         };
-        let out = std::fs::File::create(&log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = Command::new(bins.join("weft-pod-exec"))
             .env_clear()
             .env(SPEC_ENV, serde_json::to_string(&spec)?)
@@ -87,34 +157,41 @@ impl Webhook {
             .stderr(out)
             .spawn()
             .context("start weft-webhook")?;
-        let mut webhook = Webhook {
+        let mut cp = ControlPlane {
             child,
             ca: Vec::new(),
             node_ns: node_ns.to_owned(),
+            webhook_addr,
+            address,
+            root_cert_pem: String::new(),
             log,
         };
+        let root = dir.join("ca").join("root-cert.pem");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = webhook.child.try_wait()? {
+            if let Some(status) = cp.child.try_wait()? {
                 bail!(
-                    "weft-webhook exited ({status}): {}",
-                    std::fs::read_to_string(&webhook.log).unwrap_or_default()
+                    "the control plane exited ({status}): {}",
+                    std::fs::read_to_string(&cp.log).unwrap_or_default()
                 );
             }
-            if ca_out.exists()
-                && let Ok(ca) = CertificateDer::pem_file_iter(&ca_out)
-                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            if let Ok(ca) = CertificateDer::pem_file_iter(&ca_out)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
                 && !ca.is_empty()
             {
-                webhook.ca = ca;
-                if webhook.post("/healthz", None).is_ok() {
-                    return Ok(webhook);
+                cp.ca = ca;
+                if cp.post("/healthz", None).is_ok()
+                    && let Ok(pem) = std::fs::read_to_string(&root)
+                    && pem.contains("BEGIN CERTIFICATE")
+                {
+                    cp.root_cert_pem = pem;
+                    return Ok(cp);
                 }
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "weft-webhook did not come up: {}",
-                std::fs::read_to_string(&webhook.log).unwrap_or_default()
+                "the control plane did not come up: {}",
+                std::fs::read_to_string(&cp.log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -199,9 +276,22 @@ impl Webhook {
         ))
     }
 
+    /// Where proxies stand (`/debug/sync`).
+    pub fn sync_status(&self) -> anyhow::Result<SyncStatus> {
+        let (status, body) = self.post("/debug/sync", None)?;
+        anyhow::ensure!(status == 200, "/debug/sync answered {status}");
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Stops the process (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// One HTTPS request from the node's network.
     fn post(&self, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<(u16, Vec<u8>)> {
-        let addr: SocketAddr = WEBHOOK_ADDR.parse()?;
+        let addr = self.webhook_addr;
         let tcp = network::in_netns(&self.node_ns, move || {
             TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         })??;
@@ -244,7 +334,7 @@ impl Webhook {
     }
 }
 
-impl Drop for Webhook {
+impl Drop for ControlPlane {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
