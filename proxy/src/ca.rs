@@ -169,10 +169,17 @@ impl CaClient {
     }
 }
 
-/// When to renew a certificate valid from `not_before` to `not_after`: at half life.
-pub fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let life = not_after.duration_since(not_before).unwrap_or_default();
-    not_before + life / 2
+/// When to renew a certificate received at `received` and valid until `not_after`: half way
+/// through the validity left at receipt. (CAs backdate `not_before` for clock skew, so the
+/// certificate's own start would make short-lived certificates renew at once.)
+pub fn renewal_time(
+    received: SystemTime,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> SystemTime {
+    let start = received.max(not_before);
+    let life = not_after.duration_since(start).unwrap_or_default();
+    start + life / 2
 }
 
 /// Gets the first certificate (retrying with backoff until it succeeds), then renews it at
@@ -197,7 +204,7 @@ pub async fn run(proxy: Arc<Proxy>, client: CaClient) {
             Ok(creds) => match proxy.identity.install(creds) {
                 Ok(ctx) => {
                     backoff = Duration::from_millis(200);
-                    let renew = renewal_time(ctx.not_before(), ctx.not_after());
+                    let renew = renewal_time(SystemTime::now(), ctx.not_before(), ctx.not_after());
                     info!(identity = ctx.identity(), renew_in = ?renew.duration_since(SystemTime::now()).unwrap_or_default(), "certificate from the CA");
                     let wait = renew.duration_since(SystemTime::now()).unwrap_or_default();
                     tokio::time::sleep(wait).await;
@@ -223,13 +230,20 @@ mod tests {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let end = start + Duration::from_secs(24 * 3600);
         assert_eq!(
-            renewal_time(start, end),
+            renewal_time(start, start, end),
             start + Duration::from_secs(12 * 3600)
         );
         assert_eq!(
-            renewal_time(end, start),
+            renewal_time(end, end, start),
             end,
-            "an inverted validity renews at once"
+            "an expired certificate renews at once"
+        );
+        // Backdated by five minutes, valid ten seconds from receipt: renew in five seconds.
+        let received = start + Duration::from_secs(300);
+        let end = received + Duration::from_secs(10);
+        assert_eq!(
+            renewal_time(received, start, end),
+            received + Duration::from_secs(5)
         );
     }
 }

@@ -71,6 +71,8 @@ pub struct NodeOptions {
     pub native_sidecars: bool,
     /// Extra environment for every `weft-proxy` container (e.g. `WEFT_LOG_LEVEL`).
     pub proxy_env: Vec<(String, String)>,
+    /// Longest workload certificate the CA signs (short ones make proxies rotate often).
+    pub cert_ttl: Option<Duration>,
 }
 
 impl Default for NodeOptions {
@@ -79,6 +81,7 @@ impl Default for NodeOptions {
             detect_timeout: Duration::from_millis(500),
             native_sidecars: true,
             proxy_env: vec![("WEFT_LOG_LEVEL".into(), "info".into())],
+            cert_ttl: None,
         }
     }
 }
@@ -233,7 +236,7 @@ impl LocalNode {
             node.dir.path().join("token-key.pub"),
             &node.tokens.public_pem,
         )?;
-        let cp = node.start_control_plane("control-plane", 443, 15012)?;
+        let cp = node.start_control_plane("control-plane", 443, 15012, &[])?;
         *node.control_plane.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
         tracing::info!(node = %node.id, "local node started");
         Ok(node)
@@ -482,7 +485,14 @@ impl LocalNode {
             Some("rogue") => {
                 let mut rogue = self.rogue.lock().unwrap_or_else(|p| p.into_inner());
                 if rogue.is_none() {
-                    *rogue = Some(self.start_control_plane("rogue-control-plane", 444, 15013)?);
+                    // A root being introduced: it trusts the current one too.
+                    let current = self.dir.path().join("control-plane/ca/root-cert.pem");
+                    *rogue = Some(self.start_control_plane(
+                        "rogue-control-plane",
+                        444,
+                        15013,
+                        &[current],
+                    )?);
                 }
                 let cp = rogue.as_ref().context("rogue control plane")?;
                 env.push(("WEFT_CONTROL_PLANE".to_owned(), cp.address.clone()));
@@ -1155,7 +1165,15 @@ impl LocalNode {
         name: &str,
         webhook_port: u16,
         control_port: u16,
+        extra_roots: &[PathBuf],
     ) -> anyhow::Result<ControlPlane> {
+        let mut extra_args = Vec::new();
+        if let Some(ttl) = self.options.cert_ttl {
+            extra_args.extend(["--max-cert-ttl".to_owned(), format!("{}s", ttl.as_secs())]);
+        }
+        for root in extra_roots {
+            extra_args.extend(["--extra-root".to_owned(), root.display().to_string()]);
+        }
         let inst = Instance {
             dir: self.dir.path().join(name),
             config_dir: self.config_dir.clone(),
@@ -1163,6 +1181,7 @@ impl LocalNode {
             webhook_port,
             control_port,
             cgroup: self.cgroup.join(name),
+            extra_args,
         };
         let address = format!("{}:{control_port}", controlplane::NODE_IP);
         ControlPlane::start(
@@ -1176,6 +1195,16 @@ impl LocalNode {
     /// Kills the control plane and starts it again (same CA, same config directory), as a
     /// crash and a restart would. Proxies keep their config meanwhile and reconnect.
     pub fn restart_control_plane(&self, down_for: Duration) -> anyhow::Result<()> {
+        self.restart_control_plane_with(down_for, &[])
+    }
+
+    /// [`LocalNode::restart_control_plane`], trusting `extra_roots` (PEM files) besides its
+    /// own root from then on: the overlap of a root rotation.
+    pub fn restart_control_plane_with(
+        &self,
+        down_for: Duration,
+        extra_roots: &[PathBuf],
+    ) -> anyhow::Result<()> {
         {
             let mut guard = self.control_plane.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(cp) = guard.as_mut() {
@@ -1184,9 +1213,15 @@ impl LocalNode {
             *guard = None;
         }
         std::thread::sleep(down_for);
-        let cp = self.start_control_plane("control-plane", 443, 15012)?;
+        let cp = self.start_control_plane("control-plane", 443, 15012, extra_roots)?;
         *self.control_plane.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
         Ok(())
+    }
+
+    /// The root certificate of the rogue control plane (started by a pod annotated
+    /// `localnode.weft.dev/ca: rogue`), as a file.
+    pub fn rogue_root_file(&self) -> PathBuf {
+        self.dir.path().join("rogue-control-plane/ca/ca-cert.pem")
     }
 
     /// The control plane's log.

@@ -32,6 +32,8 @@ pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(7 * 86_400);
 /// Certificates start this far in the past, for clocks a little behind.
 const BACKDATE: Duration = Duration::from_secs(300);
+/// The shortest certificate the CA signs (rotation tests use short ones).
+pub const MIN_TTL: Duration = Duration::from_secs(10);
 
 /// Errors of the CA.
 #[derive(Debug, thiserror::Error)]
@@ -308,7 +310,7 @@ impl Ca {
             .map(Duration::from_secs)
             .unwrap_or(self.options.default_ttl)
             .min(self.options.max_ttl)
-            .max(Duration::from_secs(60));
+            .max(MIN_TTL);
         let params = workload_params(&expected, ttl)?;
         let cert = CertificateSigningRequestParams {
             params,

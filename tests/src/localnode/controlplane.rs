@@ -58,6 +58,8 @@ pub struct Instance {
     pub control_port: u16,
     /// cgroup it runs in (removed with the node).
     pub cgroup: PathBuf,
+    /// More arguments (`--max-cert-ttl`, `--extra-root`).
+    pub extra_args: Vec<String>,
 }
 
 /// Why admission did not let a pod through.
@@ -135,6 +137,10 @@ impl ControlPlane {
             "--serving-ip".into(),
             NODE_IP.into(),
         ];
+        let argv: Vec<String> = argv
+            .into_iter()
+            .chain(inst.extra_args.iter().cloned())
+            .collect();
         let spec = ExecSpec {
             netns: PathBuf::from(network::netns_path(node_ns)),
             cgroup: Some(inst.cgroup.clone()),

@@ -120,6 +120,16 @@ pub fn app_pod(namespace: &str, name: &str, app: &str, sa: &str, serve_args: &[&
     }
 }
 
+/// [`app_pod`] with a `version` label (subsets: v1, v2, …); the pod serves HTTP on 8080.
+pub fn versioned_pod(namespace: &str, name: &str, app: &str, version: &str, sa: &str) -> Pod {
+    let mut pod = app_pod(namespace, name, app, sa, &["--http", "8080"]);
+    pod.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert("version".into(), version.into());
+    pod
+}
+
 /// A client-only pod (`sleep`-like): the sample app serving a health port only.
 pub fn client_pod(namespace: &str, name: &str, sa: &str) -> Pod {
     app_pod(namespace, name, name, sa, &["--http", "8081"])
