@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use weft_api::config::Protocol;
 
 /// What the first bytes say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,33 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
         }
     }
     if undecided { None } else { Some(Detected::Tcp) }
+}
+
+/// How long a client of a port declared HTTP may take to send its first bytes. The port's
+/// protocol is known; only HTTP/1 versus HTTP/2 is open, so there is no reason to give up
+/// early (and falling back to opaque TCP would bypass routing and retries).
+pub const DECLARED_HTTP_WAIT: Duration = Duration::from_secs(60);
+
+/// The protocol to serve a connection with, given the port's declared protocol: declared TCP
+/// and TLS never wait; declared HTTP waits for the first bytes to tell HTTP/1 from HTTP/2 and
+/// stays HTTP whatever arrives; undeclared ports are detected within `timeout`.
+pub async fn for_port(
+    stream: &TcpStream,
+    declared: Protocol,
+    timeout: Duration,
+) -> io::Result<Detected> {
+    Ok(match declared {
+        Protocol::Tcp | Protocol::Tls => Detected::Tcp,
+        Protocol::Http => match detect(stream, DECLARED_HTTP_WAIT).await? {
+            Detected::Http2 => Detected::Http2,
+            _ => Detected::Http1,
+        },
+        Protocol::Http2 | Protocol::Grpc => match detect(stream, DECLARED_HTTP_WAIT).await? {
+            Detected::Http1 => Detected::Http1,
+            _ => Detected::Http2,
+        },
+        Protocol::Auto => detect(stream, timeout).await?,
+    })
 }
 
 /// Peeks at the stream until [`classify`] decides or `timeout` passes (then: TCP). A client
@@ -160,6 +188,42 @@ mod tests {
             Detected::Http2
         );
         drop(writer.await);
+    }
+
+    #[tokio::test]
+    async fn declared_ports_never_fall_back_to_tcp() {
+        // A slow HTTP client, past the detection timeout, on a port declared HTTP.
+        let (mut c, s) = pair().await;
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            c.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+            c
+        });
+        let d = for_port(&s, Protocol::Http, Duration::from_millis(20))
+            .await
+            .expect("detect");
+        assert_eq!(d, Detected::Http1);
+        drop(writer.await);
+        let (mut c, s) = pair().await;
+        c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            for_port(&s, Protocol::Http, Duration::from_millis(20))
+                .await
+                .expect("h2"),
+            Detected::Http2
+        );
+        // Declared TCP: decided before any byte arrives.
+        let (_c, s) = pair().await;
+        let started = Instant::now();
+        assert_eq!(
+            for_port(&s, Protocol::Tcp, Duration::from_secs(30))
+                .await
+                .expect("tcp"),
+            Detected::Tcp
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 
     #[tokio::test]

@@ -68,7 +68,13 @@ pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, client: SocketAddr) {
     async move {
         let config = proxy.config.load_full();
         let (mode, declared) = config.snapshot.inbound.port(dst.port());
-        let timeout = config.detect_timeout;
+        // A declared HTTP port waits as long as it takes for the first bytes (mesh TLS or
+        // plaintext HTTP); only undeclared ports give up early and fall back to TCP.
+        let timeout = if declared.is_http() {
+            detect::DECLARED_HTTP_WAIT
+        } else {
+            config.detect_timeout
+        };
         let arrival = if mode == MtlsMode::Disable && matches!(declared, Protocol::Tcp | Protocol::Tls) {
             // Nothing to terminate and nothing to parse: server-first protocols never wait.
             Arrival::Plain(Detected::Tcp)
@@ -96,9 +102,11 @@ pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, client: SocketAddr) {
                     Arrival::Mesh => Detected::Tls,
                     Arrival::Plain(d) => d,
                 };
-                let detected = match declared {
-                    Protocol::Tcp | Protocol::Tls => Detected::Tcp,
-                    _ => detected,
+                let detected = match (declared, detected) {
+                    (Protocol::Tcp | Protocol::Tls, _) => Detected::Tcp,
+                    (Protocol::Http, Detected::Tcp | Detected::Tls) => Detected::Http1,
+                    (Protocol::Http2 | Protocol::Grpc, Detected::Tcp | Detected::Tls) => Detected::Http2,
+                    (_, d) => d,
                 };
                 plaintext(proxy, stream, dst, detected).await;
             }

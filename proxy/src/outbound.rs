@@ -104,15 +104,13 @@ pub async fn serve_connection(
             )
             .await;
         };
-        let detected = match target.protocol {
-            Protocol::Tcp | Protocol::Tls => Detected::Tcp,
-            _ => match detect::detect(&stream, config.detect_timeout).await {
-                Ok(d) => d,
-                Err(error) => {
-                    debug!(%error, "client went away during detection");
-                    return;
-                }
-            },
+        let detected = match detect::for_port(&stream, target.protocol, config.detect_timeout).await
+        {
+            Ok(d) => d,
+            Err(error) => {
+                debug!(%error, "client went away during detection");
+                return;
+            }
         };
         let conn = Conn { client, dst };
         match detected {

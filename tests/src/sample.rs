@@ -42,6 +42,15 @@ impl EchoReply {
     }
 }
 
+/// A request a server received (`GET /_requests`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenRequest {
+    /// Path.
+    pub path: String,
+    /// Host or `:authority`.
+    pub host: String,
+}
+
 /// Report of `weft-sample-app http`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HttpReport {
@@ -57,6 +66,10 @@ pub struct HttpReport {
     pub servers: BTreeMap<String, u64>,
     /// The HTTP version of the responses, as the client saw it.
     pub versions: BTreeMap<String, u64>,
+    /// Time of each request until its whole response, milliseconds, in completion order.
+    pub latencies_ms: Vec<u64>,
+    /// Response headers of the first response, lower-case names.
+    pub first_headers: BTreeMap<String, String>,
 }
 
 impl HttpReport {
@@ -77,6 +90,10 @@ impl HttpReport {
 pub struct GrpcReport {
     /// The unary reply's message.
     pub unary_message: String,
+    /// The server that answered the unary call.
+    pub unary_server: String,
+    /// The server that answered the stream.
+    pub stream_server: String,
     /// The caller identity the server saw on the unary call.
     pub unary_caller: String,
     /// Replies received on the bidirectional stream, in order.

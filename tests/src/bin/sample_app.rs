@@ -26,7 +26,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use weft_tests::sample::grpc::{CHAT, EchoRequest, EchoResponse, UNARY};
-use weft_tests::sample::{EchoReply, GrpcReport, HttpReport, LoadReport, TcpReport, WsReport};
+use weft_tests::sample::{
+    EchoReply, GrpcReport, HttpReport, LoadReport, SeenRequest, TcpReport, WsReport,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -57,9 +59,13 @@ enum Command {
         /// Server-first TCP port: a greeting is sent on accept, then echo.
         #[arg(long = "server-first")]
         server_first: Vec<u16>,
-        /// Percentage of HTTP requests answered 500.
+        /// Percentage of HTTP requests answered 500, spread evenly (50: every other one).
+        /// Changed at run time with `GET /_control/fail/<percent>`.
         #[arg(long, default_value_t = 0)]
         fail_percent: u8,
+        /// Delay every HTTP answer by this long (a slow shadow, a slow backend).
+        #[arg(long, value_parser = humantime_duration)]
+        delay_all: Option<Duration>,
     },
     /// HTTP requests; prints an HttpReport.
     Http {
@@ -77,6 +83,9 @@ enum Command {
         /// Request body (POST when given).
         #[arg(long)]
         body: Option<String>,
+        /// Method (default GET, or POST with a body).
+        #[arg(long)]
+        method: Option<String>,
         /// Replies to keep in the report.
         #[arg(long, default_value_t = 5)]
         keep: usize,
@@ -112,6 +121,8 @@ enum Command {
         #[arg(long, default_value = "15s", value_parser = humantime_duration)]
         timeout: Duration,
     },
+    /// GET a URL and print the body (e.g. the proxy's `/config_dump` on localhost).
+    Fetch { url: String },
     /// `POST /quitquitquit` to the sidecar's status port: the Job pattern in classic mode
     /// (the app's last step tells the proxy it is done).
     Quit {
@@ -163,7 +174,17 @@ fn main() -> anyhow::Result<()> {
                 tcp_echo,
                 server_first,
                 fail_percent,
-            } => serve(name, http, tcp_echo, server_first, fail_percent).await,
+                delay_all,
+            } => {
+                let state = Arc::new(ServerState {
+                    name: Arc::from(name),
+                    counter: AtomicU64::new(0),
+                    fail_percent: AtomicU64::new(u64::from(fail_percent)),
+                    delay_all,
+                    seen: std::sync::Mutex::new(std::collections::VecDeque::new()),
+                });
+                serve(state, http, tcp_echo, server_first).await
+            }
             Command::Http {
                 url,
                 h2,
@@ -171,12 +192,33 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
                 headers,
                 body,
+                method,
                 keep,
                 timeout,
             } => print(
-                &http_client(&url, h2, count, concurrency, &headers, body, keep, timeout).await?,
+                &http_client(
+                    &url,
+                    h2,
+                    count,
+                    concurrency,
+                    &headers,
+                    body,
+                    method,
+                    keep,
+                    timeout,
+                )
+                .await?,
             ),
             Command::Grpc { url, stream } => print(&grpc_client(&url, stream).await),
+            Command::Fetch { url } => {
+                let uri: http::Uri = url.parse().with_context(|| format!("url {url:?}"))?;
+                let resp = http_client_for(false)
+                    .request(Request::get(uri).body(Full::new(Bytes::new()))?)
+                    .await?;
+                let body = resp.into_body().collect().await?.to_bytes();
+                println!("{}", String::from_utf8_lossy(&body));
+                Ok(())
+            }
             Command::Quit { url } => {
                 let uri: http::Uri = url.parse().with_context(|| format!("url {url:?}"))?;
                 let req = Request::post(uri).body(Full::new(Bytes::new()))?;
@@ -216,33 +258,40 @@ fn print<T: serde::Serialize>(report: &T) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- servers
 
+/// What the HTTP servers share.
+struct ServerState {
+    name: Arc<str>,
+    counter: AtomicU64,
+    fail_percent: AtomicU64,
+    delay_all: Option<Duration>,
+    /// The last requests received (`GET /_requests`), newest last.
+    seen: std::sync::Mutex<std::collections::VecDeque<SeenRequest>>,
+}
+
 async fn serve(
-    name: String,
+    state: Arc<ServerState>,
     http: Vec<u16>,
     tcp_echo: Vec<u16>,
     server_first: Vec<u16>,
-    fail_percent: u8,
 ) -> anyhow::Result<()> {
+    let name = state.name.clone();
     if http.is_empty() && tcp_echo.is_empty() && server_first.is_empty() {
         bail!("nothing to serve: give --http, --tcp-echo or --server-first");
     }
-    let name: Arc<str> = Arc::from(name);
-    let counter = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for port in http {
         let l = listen(port).await?;
-        let (name, counter) = (name.clone(), counter.clone());
+        let state = state.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else {
                     continue;
                 };
                 let _ = s.set_nodelay(true);
-                let (name, counter) = (name.clone(), counter.clone());
+                let state = state.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        handle_http(name.clone(), counter.clone(), fail_percent, req)
-                    });
+                    let svc =
+                        hyper::service::service_fn(move |req| handle_http(state.clone(), req));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(s), svc)
                         .await;
@@ -311,11 +360,52 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 async fn handle_http(
-    name: Arc<str>,
-    counter: Arc<AtomicU64>,
-    fail_percent: u8,
+    state: Arc<ServerState>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let name = state.name.clone();
+    if let Some(p) = req
+        .uri()
+        .path()
+        .strip_prefix("/_control/fail/")
+        .and_then(|p| p.parse::<u64>().ok())
+    {
+        state.fail_percent.store(p.min(100), Ordering::Relaxed);
+        return Ok(full(StatusCode::OK, format!("fail percent {p}\n")));
+    }
+    if req.uri().path() == "/_requests" {
+        let seen: Vec<SeenRequest> = state.seen.lock().expect("lock").iter().cloned().collect();
+        return Ok(full(
+            StatusCode::OK,
+            serde_json::to_vec(&seen).unwrap_or_default(),
+        ));
+    }
+    {
+        let mut seen = state.seen.lock().expect("lock");
+        seen.push_back(SeenRequest {
+            path: req.uri().path().to_owned(),
+            host: req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get("host")
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default(),
+        });
+        if seen.len() > 1000 {
+            seen.pop_front();
+        }
+    }
+    // Health checks answer at once whatever the configured slowness.
+    if let Some(d) = state.delay_all
+        && req.uri().path() != "/healthz"
+    {
+        tokio::time::sleep(d).await;
+    }
     let is_grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -330,8 +420,11 @@ async fn handle_http(
     if path == "/healthz" {
         return Ok(full(StatusCode::OK, "ok\n"));
     }
+    // `/delay/<ms>` anywhere in the path (routes may add a prefix).
     if let Some(ms) = path
-        .strip_prefix("/delay/")
+        .split("/delay/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
         .and_then(|m| m.parse::<u64>().ok())
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -347,8 +440,11 @@ async fn handle_http(
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
-    let n = counter.fetch_add(1, Ordering::Relaxed);
-    if fail_percent > 0 && (n % 100) < u64::from(fail_percent) {
+    // Failures spread evenly: request n fails when the running count of failures due
+    // (n × percent / 100) steps up, so 50% fails every other request.
+    let n = state.counter.fetch_add(1, Ordering::Relaxed);
+    let percent = state.fail_percent.load(Ordering::Relaxed);
+    if percent > 0 && ((n + 1) * percent / 100) != (n * percent / 100) {
         status = StatusCode::INTERNAL_SERVER_ERROR;
     }
     let mut headers = BTreeMap::<String, String>::new();
@@ -522,6 +618,7 @@ async fn http_client(
     concurrency: u64,
     headers: &[String],
     body: Option<String>,
+    method: Option<String>,
     keep: usize,
     timeout: Duration,
 ) -> anyhow::Result<HttpReport> {
@@ -541,6 +638,7 @@ async fn http_client(
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
+        let method = method.clone();
         let (client, uri, report, next, body, parsed_headers) = (
             client.clone(),
             uri.clone(),
@@ -552,7 +650,11 @@ async fn http_client(
         workers.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < count {
                 let mut req = Request::builder()
-                    .method(if body.is_some() { "POST" } else { "GET" })
+                    .method(method.as_deref().unwrap_or(if body.is_some() {
+                        "POST"
+                    } else {
+                        "GET"
+                    }))
                     .uri(uri.clone());
                 for (k, v) in &parsed_headers {
                     req = req.header(k, v);
@@ -560,17 +662,35 @@ async fn http_client(
                 let req = req
                     .body(Full::new(Bytes::from(body.clone().unwrap_or_default())))
                     .expect("request parts are valid");
+                let started = Instant::now();
                 let result = tokio::time::timeout(timeout, async {
                     let resp = client.request(req).await?;
                     let status = resp.status().as_u16();
                     let version = format!("{:?}", resp.version());
+                    let headers: BTreeMap<String, String> = resp
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_owned(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect();
                     let bytes = resp.into_body().collect().await?.to_bytes();
-                    Ok::<_, BoxError>((status, version, bytes))
+                    Ok::<_, BoxError>((status, version, headers, bytes))
                 })
                 .await;
+                let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let mut r = report.lock().await;
+                if r.latencies_ms.len() < 10_000 {
+                    r.latencies_ms.push(elapsed_ms);
+                }
                 match result {
-                    Ok(Ok((status, version, bytes))) => {
+                    Ok(Ok((status, version, headers, bytes))) => {
+                        if r.first_headers.is_empty() {
+                            r.first_headers = headers;
+                        }
                         *r.statuses.entry(status).or_default() += 1;
                         *r.versions.entry(version).or_default() += 1;
                         if (200..300).contains(&status) {
@@ -654,6 +774,7 @@ async fn grpc_calls(url: &str, stream: u32, report: &mut GrpcReport) -> anyhow::
         .to_owned();
     let reply = resp.into_inner();
     report.unary_message = reply.message;
+    report.unary_server = reply.server;
     report.unary_caller = reply.caller;
 
     // Bidirectional: send one message, wait for its echo, then the next — proving both
@@ -680,6 +801,7 @@ async fn grpc_calls(url: &str, stream: u32, report: &mut GrpcReport) -> anyhow::
             .await
             .map_err(|s| anyhow::anyhow!("chat recv: {s}"))?
             .context("stream ended early")?;
+        report.stream_server = msg.server;
         report.stream_replies.push(msg.message);
         if i + 1 < stream {
             tx.send(EchoRequest {
