@@ -20,6 +20,11 @@ pub struct ExecSpec {
     pub mounts: Vec<BindMount>,
     /// cgroup v2 directory to join.
     pub cgroup: Option<PathBuf>,
+    /// Stay in the host's mount namespace (its `/sys` with the cgroup2 and bpffs mounts, and
+    /// network namespace files created later): for node agents, not containers. Hosts file,
+    /// private dirs and mounts are then not applied.
+    #[serde(default)]
+    pub host_mounts: bool,
     /// User.
     pub uid: u32,
     /// Group.

@@ -14,6 +14,7 @@ mod certs;
 pub mod controlplane;
 pub mod fixtures;
 pub mod network;
+pub mod redirect;
 mod tokens;
 
 use std::collections::{BTreeMap, HashSet};
@@ -40,6 +41,8 @@ use crate::exec::{BindMount, ExecSpec, SPEC_ENV};
 use certs::Ca;
 use controlplane::{ControlPlane, Instance};
 use network::Subnet;
+use redirect::Agent;
+pub use redirect::Interception;
 use tokens::TokenSigner;
 
 /// Root of the local nodes' cgroups.
@@ -73,6 +76,11 @@ pub struct NodeOptions {
     pub proxy_env: Vec<(String, String)>,
     /// Longest workload certificate the CA signs (short ones make proxies rotate often).
     pub cert_ttl: Option<Duration>,
+    /// iptables in each pod, or the node agents' eBPF programs.
+    pub interception: Interception,
+    /// Simulated nodes (cgroup subtrees, each with its own eBPF agent); pods alternate
+    /// between them unless `spec.nodeName` names one (`node-0`, `node-1`, …).
+    pub nodes: usize,
 }
 
 impl Default for NodeOptions {
@@ -82,6 +90,8 @@ impl Default for NodeOptions {
             native_sidecars: true,
             proxy_env: vec![("WEFT_LOG_LEVEL".into(), "info".into())],
             cert_ttl: None,
+            interception: Interception::Iptables,
+            nodes: 1,
         }
     }
 }
@@ -90,9 +100,13 @@ impl NodeOptions {
     /// The mesh config of the node's control plane (`controlPlaneAddress` is its own).
     fn mesh_config(&self, control_plane: &str) -> String {
         format!(
-            "controlPlaneAddress: {control_plane}\nnativeSidecar: \"{}\"\nterminationDrainDuration: 5s\nprotocolDetectionTimeout: {}ms\n",
+            "controlPlaneAddress: {control_plane}\nnativeSidecar: \"{}\"\nterminationDrainDuration: 5s\nprotocolDetectionTimeout: {}ms\ninterceptionMode: {}\n",
             self.native_sidecars,
-            self.detect_timeout.as_millis()
+            self.detect_timeout.as_millis(),
+            match self.interception {
+                Interception::Iptables => "REDIRECT",
+                Interception::Ebpf => "EBPF",
+            }
         )
     }
 }
@@ -161,6 +175,7 @@ pub struct LocalNode {
     control_plane: Mutex<Option<ControlPlane>>,
     rogue: Mutex<Option<ControlPlane>>,
     sync_seq: AtomicU64,
+    agents: Mutex<Vec<Agent>>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -183,8 +198,8 @@ impl LocalNode {
             nix::unistd::geteuid().is_root(),
             "the local node needs root (network namespaces, iptables, cgroups)"
         );
-        sweep_stale();
         let bins = binaries::dir()?;
+        sweep_stale(&bins);
         for b in [
             "weft-proxy",
             "weft-redirector",
@@ -224,6 +239,7 @@ impl LocalNode {
             control_plane: Mutex::new(None),
             rogue: Mutex::new(None),
             sync_seq: AtomicU64::new(0),
+            agents: Mutex::new(Vec::new()),
         };
         let mut node = node;
         node.config_dir = node.dir.path().join("config");
@@ -236,6 +252,20 @@ impl LocalNode {
             node.dir.path().join("token-key.pub"),
             &node.tokens.public_pem,
         )?;
+        if node.options.interception == Interception::Ebpf {
+            let mut agents = Vec::new();
+            for i in 0..node.options.nodes.max(1) {
+                agents.push(Agent::start(
+                    &node.bins,
+                    &ns,
+                    node.dir.path(),
+                    &cgroup,
+                    &node.id,
+                    i,
+                )?);
+            }
+            *node.agents.lock().unwrap_or_else(|p| p.into_inner()) = agents;
+        }
         let cp = node.start_control_plane("control-plane", 443, 15012, &[])?;
         *node.control_plane.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
         tracing::info!(node = %node.id, "local node started");
@@ -426,7 +456,13 @@ impl LocalNode {
         if spec.service_account_name.is_none() {
             spec.service_account_name = Some("default".into());
         }
-        spec.node_name = Some(self.ns.clone());
+        let zones = self.options.nodes.max(1);
+        let zone = spec
+            .node_name
+            .as_deref()
+            .and_then(|n| n.strip_prefix("node-"))
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|i| *i < zones);
         let meshed = spec
             .init_containers
             .iter()
@@ -451,7 +487,18 @@ impl LocalNode {
                 netns: format!("weft-{}-{n}-{}", self.id, truncate(&name, 24)),
             };
             let dir = self.dir.path().join(format!("pod-{n}-{name}"));
-            let cgroup = self.cgroup.join(format!("pod-{n}"));
+            // Pods alternate between the simulated nodes unless they name one.
+            let zone = zone.unwrap_or(usize::from(n) % zones);
+            let cgroup = if self.options.interception == Interception::Ebpf {
+                self.cgroup
+                    .join(format!("node-{zone}"))
+                    .join(format!("pod-{n}"))
+            } else {
+                self.cgroup.join(format!("pod-{n}"))
+            };
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.node_name = Some(format!("node-{zone}"));
+            }
             st.pods.push(PodRun {
                 pod: pod.clone(),
                 r: r.clone(),
@@ -544,6 +591,30 @@ impl LocalNode {
             self.write_hosts(&st, &r.netns, &r.namespace, Some((r.ip, &r.name)))?;
         }
         self.prepare_volumes(pod, dir, root_cert)?;
+        let has_init = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .any(|c| c.name == "weft-init");
+        if has_init && self.options.interception == Interception::Ebpf {
+            // The agent must know the pod before its init step verifies it was taken.
+            let zone = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
+            let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            let agent = agents
+                .iter()
+                .find(|a| a.cgroup_root.ends_with(&zone))
+                .context("no eBPF agent for the pod's node")?;
+            agent.add_pod(
+                pod,
+                cgroup,
+                &r.netns,
+                &[IpAddr::V4(r.ip), IpAddr::V6(r.ip6)],
+            )?;
+        }
         let spec = pod.spec.as_ref().context("pod has no spec")?;
         for c in spec.init_containers.iter().flatten() {
             let sidecar = c.restart_policy.as_deref() == Some("Always");
@@ -788,6 +859,7 @@ impl LocalNode {
             private_dirs: private_dirs.into_iter().collect(),
             mounts,
             cgroup: Some(cgroup.to_path_buf()),
+            host_mounts: false,
             uid: u32::try_from(uid).unwrap_or(0),
             gid: u32::try_from(gid).unwrap_or(0),
             workdir: c.working_dir.as_ref().map(PathBuf::from),
@@ -973,6 +1045,15 @@ impl LocalNode {
                 ));
             }
         }
+        for agent in self.agents.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let log = agent.log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            out.push_str(&format!(
+                "\n--- eBPF agent {} ---\n{}",
+                agent.instance,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
         out
     }
 
@@ -1046,6 +1127,9 @@ impl LocalNode {
                 .with_context(|| format!("no pod {}", r.name))?;
             st.pods.remove(i)
         };
+        for agent in self.agents.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            agent.remove_pod(&r.namespace, &r.name);
+        }
         // The endpoint goes first, as the API server removes it when deletion starts.
         self.unpublish("Pod", &r.namespace, &r.name)?;
         self.sync(Duration::from_secs(20))?;
@@ -1222,6 +1306,64 @@ impl LocalNode {
     /// `localnode.weft.dev/ca: rogue`), as a file.
     pub fn rogue_root_file(&self) -> PathBuf {
         self.dir.path().join("rogue-control-plane/ca/ca-cert.pem")
+    }
+
+    /// Kills the eBPF agent of simulated node `index` and starts it again; its pinned programs
+    /// keep redirecting while it is down.
+    pub fn restart_agent(&self, index: usize, down_for: Duration) -> anyhow::Result<()> {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents
+            .get_mut(index)
+            .context("no such agent")?
+            .restart(down_for)
+    }
+
+    /// The eBPF agents' Prometheus text, one entry per simulated node.
+    pub fn agent_metrics(&self) -> anyhow::Result<Vec<String>> {
+        let listens: Vec<SocketAddr> = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(Agent::listen)
+            .collect();
+        listens
+            .into_iter()
+            .map(|l| {
+                let (status, _, body) = self.http_get_body(l.ip(), l.port(), "/metrics")?;
+                anyhow::ensure!(status == 200, "agent {l}: /metrics answered {status}");
+                Ok(body)
+            })
+            .collect()
+    }
+
+    /// The NAT rules in a pod's network namespace (`iptables-save -t nat` and its IPv6 twin).
+    pub fn pod_nat_rules(&self, r: &PodRef) -> anyhow::Result<String> {
+        let mut out = String::new();
+        for tool in ["iptables-save", "ip6tables-save"] {
+            let o = Command::new("ip")
+                .args(["netns", "exec", &r.netns, tool, "-t", "nat"])
+                .output()
+                .with_context(|| format!("run {tool} in {}", r.netns))?;
+            anyhow::ensure!(
+                o.status.success(),
+                "{tool}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            out.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        Ok(out)
+    }
+
+    /// The eBPF agents' logs.
+    pub fn agent_logs(&self) -> String {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(Agent::log)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The control plane's log.
@@ -1681,7 +1823,7 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// Removes namespaces, hosts files and cgroups of local nodes whose process is gone.
-fn sweep_stale() {
+fn sweep_stale(bins: &Path) {
     let dead = |name: &str| -> bool {
         name.strip_prefix("weft-")
             .and_then(|r| r.split('-').next())
@@ -1705,6 +1847,17 @@ fn sweep_stale() {
         let name = format!("weft-{}", e.file_name().to_string_lossy());
         if dead(&name) {
             remove_cgroup(&e.path());
+        }
+    }
+    // eBPF agents' pins (`/sys/fs/bpf/weft/<pid>-<seq>-<node>`).
+    for e in fs::read_dir("/sys/fs/bpf/weft")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let instance = e.file_name().to_string_lossy().into_owned();
+        if dead(&format!("weft-{instance}")) {
+            redirect::uninstall(bins, &instance);
         }
     }
 }

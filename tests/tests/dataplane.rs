@@ -1,14 +1,16 @@
 //! The data plane end to end on a local node: service-a calls service-b through both
 //! sidecars (iptables redirect, mesh mTLS, the far side restoring the app's protocol).
 //!
-//! These need root (namespaces, iptables, cgroups) and the built binaries: `cargo xtask test`
-//! runs them.
+//! Every scenario runs twice: with iptables rules in the pods (`iptables::…`) and with the node
+//! agents' eBPF programs on two simulated nodes (`ebpf::…`, so most calls cross nodes).
+//! These need root (namespaces, iptables, eBPF, cgroups) and the built binaries: `cargo xtask
+//! test` runs them.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use weft_tests::localnode::{LocalNode, NodeOptions, PodRef, fixtures, metric};
+use weft_tests::localnode::{Interception, LocalNode, NodeOptions, PodRef, fixtures, metric};
 use weft_tests::sample::{GrpcReport, HttpReport, LoadReport, TcpReport, WsReport};
 
 const A_ID: &str = "spiffe://cluster.local/ns/genesis/sa/service-a";
@@ -67,16 +69,16 @@ fn http(node: &LocalNode, from: &PodRef, args: &[&str]) -> HttpReport {
     node.exec_json(from, &argv).expect("http client report")
 }
 
-#[test]
-#[ignore = "needs root: run by cargo xtask test"]
-fn every_protocol_crosses_both_sidecars_with_the_callers_identity() {
+fn every_protocol_crosses_both_sidecars_with_the_callers_identity(mode: Interception) {
     // A long detection timeout: if a declared port waited for detection, the server-first
     // check below would run into its own client timeout.
-    let node = LocalNode::start_with(NodeOptions {
-        detect_timeout: Duration::from_secs(30),
-        ..Default::default()
-    })
-    .expect("node");
+    let node = start(
+        mode,
+        NodeOptions {
+            detect_timeout: Duration::from_secs(30),
+            ..Default::default()
+        },
+    );
     let (a, b) = genesis(&node);
 
     // HTTP/1.1 from the app: rides the mesh's HTTP/2 connection, restored to HTTP/1.1.
@@ -235,6 +237,7 @@ fn every_protocol_crosses_both_sidecars_with_the_callers_identity() {
         ) >= 21.0,
         "{m}"
     );
+    assert_redirected_by(&node, mode, &[&a, &b]);
     assert!(
         metric(
             &m,
@@ -244,15 +247,41 @@ fn every_protocol_crosses_both_sidecars_with_the_callers_identity() {
     );
 }
 
+/// The pods' traffic was carried by the mode under test: in iptables mode by the pods' NAT
+/// rules; in eBPF mode by the agents' programs, with no NAT rule in any pod.
+fn assert_redirected_by(node: &LocalNode, mode: Interception, pods: &[&PodRef]) {
+    for pod in pods {
+        let rules = node.pod_nat_rules(pod).expect("nat rules");
+        let has_ours = rules.contains("-j WEFT_");
+        match mode {
+            Interception::Iptables => assert!(has_ours, "{}: no redirect rules\n{rules}", pod.name),
+            Interception::Ebpf => assert!(
+                !rules.lines().any(|l| l.starts_with("-A")),
+                "{}: eBPF mode installed NAT rules\n{rules}",
+                pod.name
+            ),
+        }
+    }
+    if mode == Interception::Ebpf {
+        let all = node.agent_metrics().expect("agent metrics");
+        let sum = |event: &str| -> f64 {
+            all.iter()
+                .map(|m| metric(m, "weft_redirector_ebpf_events_total", &[("event", event)]))
+                .sum()
+        };
+        assert!(sum("outbound_redirected") >= 1.0, "{all:?}");
+        assert!(sum("inbound_captured") >= 1.0, "{all:?}");
+        assert!(sum("original_dst_answered") >= 1.0, "{all:?}");
+    }
+}
+
 /// Finds `needle` in a capture.
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-#[test]
-#[ignore = "needs root: run by cargo xtask test"]
-fn bytes_between_meshed_pods_are_tls() {
-    let node = LocalNode::start().expect("node");
+fn bytes_between_meshed_pods_are_tls(mode: Interception) {
+    let node = start(mode, NodeOptions::default());
     let (a, _b) = genesis(&node);
     // An unmeshed pair on the same bridge proves the capture sees plaintext when there is any.
     node.create_service(fixtures::service("genesis", "plain", &[(8080, "http")]))
@@ -331,10 +360,8 @@ fn bytes_between_meshed_pods_are_tls() {
     );
 }
 
-#[test]
-#[ignore = "needs root: run by cargo xtask test"]
-fn strict_refuses_plaintext_permissive_accepts_it() {
-    let node = LocalNode::start().expect("node");
+fn strict_refuses_plaintext_permissive_accepts_it(mode: Interception) {
+    let node = start(mode, NodeOptions::default());
     let (a, b) = genesis(&node);
     let plain = node
         .run_pod(fixtures::client_pod("genesis", "no-sidecar", "no-sidecar"))
@@ -421,10 +448,8 @@ spec:
     );
 }
 
-#[test]
-#[ignore = "needs root: run by cargo xtask test"]
-fn peers_with_a_wrong_identity_or_another_root_are_rejected() {
-    let node = LocalNode::start().expect("node");
+fn peers_with_a_wrong_identity_or_another_root_are_rejected(mode: Interception) {
+    let node = start(mode, NodeOptions::default());
     let (a, b) = genesis(&node);
     // An endpoint the config says runs as sa/impostor, while service-b's pod answers there:
     // its certificate names sa/service-b, and A must refuse it.
@@ -507,10 +532,8 @@ spec:
     assert_eq!(r.ok, 1, "{r:?}");
 }
 
-#[test]
-#[ignore = "needs root: run by cargo xtask test"]
-fn config_reload_under_load_drops_no_established_connection() {
-    let node = LocalNode::start().expect("node");
+fn config_reload_under_load_drops_no_established_connection(mode: Interception) {
+    let node = start(mode, NodeOptions::default());
     let (a, b) = genesis(&node);
     let before = metric(
         &node.proxy_metrics(&a).expect("m"),
@@ -607,17 +630,17 @@ fn config_reload_under_load_drops_no_established_connection() {
     );
 }
 
-#[test]
-#[ignore = "needs root: run by cargo xtask test"]
-fn sigterm_drains_in_flight_requests_then_exits_zero() {
+fn sigterm_drains_in_flight_requests_then_exits_zero(mode: Interception) {
     for side in ["server", "client"] {
         // A generous deadline: the proxy must leave as soon as its requests are done, not at
         // the deadline.
-        let node = LocalNode::start_with(NodeOptions {
-            proxy_env: vec![("WEFT_DRAIN_DURATION".into(), "30s".into())],
-            ..Default::default()
-        })
-        .expect("node");
+        let node = start(
+            mode,
+            NodeOptions {
+                proxy_env: vec![("WEFT_DRAIN_DURATION".into(), "30s".into())],
+                ..Default::default()
+            },
+        );
         let (a, b) = genesis(&node);
         let pod = if side == "server" { &b } else { &a };
         // Eight slow requests in flight when the proxy is told to stop.
@@ -663,10 +686,8 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
     }
 }
 
-#[test]
-#[ignore = "needs root: run by cargo xtask test"]
-fn unknown_destinations_pass_through_and_loops_are_refused() {
-    let node = LocalNode::start().expect("node");
+fn unknown_destinations_pass_through_and_loops_are_refused(mode: Interception) {
+    let node = start(mode, NodeOptions::default());
     let (a, _b) = genesis(&node);
     // A pod the config knows nothing about (no service selects it).
     let other = node
@@ -713,10 +734,8 @@ fn unknown_destinations_pass_through_and_loops_are_refused() {
     );
 }
 
-#[test]
-#[ignore = "needs root: run by cargo xtask test"]
-fn readiness_reflects_config_and_identity() {
-    let node = LocalNode::start().expect("node");
+fn readiness_reflects_config_and_identity(mode: Interception) {
+    let node = start(mode, NodeOptions::default());
     let (_a, b) = genesis(&node);
     let (status, headers) = node
         .http_get(IpAddr::V4(b.ip), 15021, "/healthz/ready")
@@ -746,3 +765,48 @@ fn readiness_reflects_config_and_identity() {
     );
     assert_eq!(r.ok, 1, "{r:?}");
 }
+
+/// A node for `mode`: eBPF mode simulates two nodes (two cgroup subtrees, two agents).
+fn start(mode: Interception, options: NodeOptions) -> LocalNode {
+    let nodes = if mode == Interception::Ebpf { 2 } else { 1 };
+    LocalNode::start_with(NodeOptions {
+        interception: mode,
+        nodes,
+        ..options
+    })
+    .expect("node")
+}
+
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod iptables {
+            $(
+                #[test]
+                #[ignore = "needs root: run by cargo xtask test"]
+                fn $name() {
+                    super::$name(super::Interception::Iptables)
+                }
+            )*
+        }
+        mod ebpf {
+            $(
+                #[test]
+                #[ignore = "needs root: run by cargo xtask test"]
+                fn $name() {
+                    super::$name(super::Interception::Ebpf)
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    every_protocol_crosses_both_sidecars_with_the_callers_identity,
+    bytes_between_meshed_pods_are_tls,
+    strict_refuses_plaintext_permissive_accepts_it,
+    peers_with_a_wrong_identity_or_another_root_are_rejected,
+    config_reload_under_load_drops_no_established_connection,
+    sigterm_drains_in_flight_requests_then_exits_zero,
+    unknown_destinations_pass_through_and_loops_are_refused,
+    readiness_reflects_config_and_identity,
+);

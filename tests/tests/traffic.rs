@@ -342,7 +342,7 @@ spec:
     );
     let retried = metric(&m, "weft_upstream_retries_total", &[("kind", "retried")]);
     assert!(
-        retried >= 150.0 && retried <= 400.0,
+        (150.0..=400.0).contains(&retried),
         "about one retry per failing request: {retried}\n{m}"
     );
 }

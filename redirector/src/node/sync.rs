@@ -387,7 +387,7 @@ impl Agent {
         for (id, why) in &report.skipped {
             let why = why.clone();
             self.warn_once(format!("skip {id} {why}"), || {
-                debug!(pod = %id, %why, "pod not taken yet");
+                info!(pod = %id, %why, "pod not taken yet");
             });
         }
         self.taken = taken;

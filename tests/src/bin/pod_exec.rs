@@ -34,6 +34,35 @@ fn run() -> anyhow::Result<()> {
     }
     let ns = File::open(&spec.netns).with_context(|| format!("open {}", spec.netns.display()))?;
     setns(&ns, CloneFlags::CLONE_NEWNET).context("setns(net)")?;
+    if !spec.host_mounts {
+        private_mounts(&spec)?;
+    }
+    let gid = Gid::from_raw(spec.gid);
+    setgroups(&[gid]).context("setgroups")?;
+    setgid(gid).context("setgid")?;
+    setuid(Uid::from_raw(spec.uid)).context("setuid")?;
+    if let Some(dir) = &spec.workdir {
+        chdir(dir).with_context(|| format!("chdir {}", dir.display()))?;
+    }
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .context("argv contains NUL")?;
+    let env: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|(k, v)| CString::new(format!("{k}={v}")))
+        .collect::<Result<_, _>>()
+        .context("env contains NUL")?;
+    let Err(err) = execve(&argv[0], &argv, &env);
+    bail!("exec {}: {err}", spec.argv[0])
+}
+
+/// The container's own mount namespace: sysfs of the pod's network namespace, the hosts file,
+/// private dirs and volumes.
+fn private_mounts(spec: &ExecSpec) -> anyhow::Result<()> {
     unshare(CloneFlags::CLONE_NEWNS).context("unshare(mount)")?;
     mount(
         None::<&str>,
@@ -84,27 +113,7 @@ fn run() -> anyhow::Result<()> {
         }
         bind(&m.source, &m.target, m.read_only)?;
     }
-    let gid = Gid::from_raw(spec.gid);
-    setgroups(&[gid]).context("setgroups")?;
-    setgid(gid).context("setgid")?;
-    setuid(Uid::from_raw(spec.uid)).context("setuid")?;
-    if let Some(dir) = &spec.workdir {
-        chdir(dir).with_context(|| format!("chdir {}", dir.display()))?;
-    }
-    let argv: Vec<CString> = spec
-        .argv
-        .iter()
-        .map(|a| CString::new(a.as_str()))
-        .collect::<Result<_, _>>()
-        .context("argv contains NUL")?;
-    let env: Vec<CString> = spec
-        .env
-        .iter()
-        .map(|(k, v)| CString::new(format!("{k}={v}")))
-        .collect::<Result<_, _>>()
-        .context("env contains NUL")?;
-    let Err(err) = execve(&argv[0], &argv, &env);
-    bail!("exec {}: {err}", spec.argv[0])
+    Ok(())
 }
 
 fn bind(source: &Path, target: &Path, read_only: bool) -> anyhow::Result<()> {

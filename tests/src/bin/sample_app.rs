@@ -326,9 +326,8 @@ async fn serve(
         }));
     }
     eprintln!("weft-sample-app {name}: serving");
-    for t in tasks {
-        t.await?;
-    }
+    // The accept loops never end: this returns only if one of them panics.
+    futures_util::future::try_join_all(tasks).await?;
     Ok(())
 }
 
@@ -509,14 +508,13 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         )
         .await;
         while let Some(Ok(msg)) = ws.next().await {
-            match msg {
-                Message::Text(_) | Message::Binary(_) => {
-                    if ws.send(msg).await.is_err() {
-                        break;
-                    }
-                }
+            let echo = match msg {
+                Message::Text(_) | Message::Binary(_) => msg,
                 Message::Close(_) => break,
-                _ => {}
+                _ => continue,
+            };
+            if ws.send(echo).await.is_err() {
+                break;
             }
         }
     });
