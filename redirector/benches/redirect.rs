@@ -15,7 +15,8 @@
 //!
 //! Scenarios: `persistent` (request/response of 64 bytes over kept connections) and `connect`
 //! (a new connection per request). The table shows latency percentiles and what each mode adds
-//! to `direct`; `WEFT_BENCH_OUT=path.json` also writes them as JSON.
+//! to `direct`, written to `redirect.md` and `redirect.json` in `$WEFT_BENCH_DIR` (default
+//! `target/bench/`); `WEFT_BENCH_OUT=path.json` also writes the JSON there.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -488,16 +489,16 @@ fn orchestrate() {
             rows.push((scenario, mode, rate, summary(&hists[i]), direct.clone()));
         }
     }
-    println!("\nredirect cost, fixed rate, 64-byte request/response, microseconds");
-    println!(
-        "{:<11} {:<9} {:>6} {:>6} {:>6} {:>6} {:>8} {:>10} {:>10}",
-        "scenario", "mode", "p50", "p90", "p99", "max", "samples", "added p50", "added p99"
+    use std::fmt::Write as _;
+    let mut md = String::from(
+        "# Redirect cost: iptables against eBPF\n\nFixed rate, 64-byte request/response, a forwarder standing in for the proxy (UID 1337, `SO_ORIGINAL_DST`); microseconds. `persistent`: kept connections; `connect`: a new connection per request.\n\n| scenario | mode | p50 | p90 | p99 | max | samples | added p50 | added p99 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut json = Vec::new();
     for (scenario, mode, rate, v, d) in &rows {
         let added = |i: usize| v[i] as i64 - d[i] as i64;
-        println!(
-            "{scenario:<11} {mode:<9} {:>6} {:>6} {:>6} {:>6} {:>8} {:>10} {:>10}",
+        let _ = writeln!(
+            md,
+            "| {scenario} | {mode} | {} | {} | {} | {} | {} | {} | {} |",
             v[0],
             v[1],
             v[2],
@@ -508,6 +509,7 @@ fn orchestrate() {
         );
         json.push(serde_json::json!({"scenario": scenario, "mode": mode, "rate_per_s": rate, "p50_us": v[0], "p90_us": v[1], "p99_us": v[2], "max_us": v[3], "samples": v[4], "added_p50_us": added(0), "added_p99_us": added(2)}));
     }
+    md.push('\n');
     for scenario in ["persistent", "connect"] {
         let pick = |mode: &str| {
             rows.iter()
@@ -516,16 +518,28 @@ fn orchestrate() {
         };
         for mode in ["ebpf", "ebpf-both"] {
             if let (Some(i), Some(e)) = (pick("iptables"), pick(mode)) {
-                println!(
-                    "{scenario}: {mode} adds {:.0}% less latency than iptables at p50, {:.0}% less at p99",
-                    100.0 * (1.0 - e.0 / i.0),
-                    100.0 * (1.0 - e.1 / i.1)
+                let (p50, p99) = (100.0 * (1.0 - e.0 / i.0), 100.0 * (1.0 - e.1 / i.1));
+                let _ = writeln!(
+                    md,
+                    "- {scenario}: {mode} adds {p50:.0}% less latency than iptables at p50, {p99:.0}% less at p99 (target: at least 20% less at both): {}",
+                    if p50 >= 20.0 && p99 >= 20.0 {
+                        "met"
+                    } else {
+                        "NOT met"
+                    }
                 );
             }
         }
     }
+    println!("\n{md}");
+    let dir = std::env::var_os("WEFT_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    std::fs::write(dir.join("redirect.md"), &md).expect("write redirect.md");
+    let json = serde_json::to_string_pretty(&json).expect("json");
+    std::fs::write(dir.join("redirect.json"), &json).expect("write redirect.json");
     if let Some(path) = std::env::var_os("WEFT_BENCH_OUT") {
-        std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json"))
-            .expect("write bench output");
+        std::fs::write(&path, json).expect("write bench output");
     }
 }

@@ -591,12 +591,16 @@ impl LocalNode {
             self.write_hosts(&st, &r.netns, &r.namespace, Some((r.ip, &r.name)))?;
         }
         self.prepare_volumes(pod, dir, root_cert)?;
-        let has_init = pod
+        // Pods whose init step runs in eBPF mode (the mesh default of an eBPF node, or the
+        // pod's `sidecar.istio.io/interceptionMode`); others keep their own iptables rules.
+        let ebpf_init = pod
             .spec
             .iter()
             .flat_map(|s| s.init_containers.iter().flatten())
-            .any(|c| c.name == "weft-init");
-        if has_init && self.options.interception == Interception::Ebpf {
+            .filter(|c| c.name == "weft-init")
+            .flat_map(|c| c.args.iter().flatten())
+            .any(|a| a == "--mode=ebpf");
+        if ebpf_init {
             // The agent must know the pod before its init step verifies it was taken.
             let zone = pod
                 .spec
@@ -607,7 +611,7 @@ impl LocalNode {
             let agent = agents
                 .iter()
                 .find(|a| a.cgroup_root.ends_with(&zone))
-                .context("no eBPF agent for the pod's node")?;
+                .context("the pod is in eBPF mode but its node has no eBPF agent (NodeOptions::interception)")?;
             agent.add_pod(
                 pod,
                 cgroup,
@@ -2116,7 +2120,11 @@ pub fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
         Ok(fields.get(i).context("short stat")?.parse::<f64>()?)
     };
     // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the name.
-    let hz = 100.0;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&t| t > 0)
+        .context("sysconf(_SC_CLK_TCK)")? as f64;
     let cpu_seconds = (ticks(11)? + ticks(12)?) / hz;
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb = |key: &str| -> u64 {

@@ -5,7 +5,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// Packages for `cargo xtask test`.
-pub const TEST: [&str; 4] = ["iproute2", "iptables", "python3", "util-linux"];
+pub const TEST: [&str; 5] = ["iproute2", "iptables", "python3", "util-linux", "openssl"];
 /// Packages for `cargo xtask demo`.
 pub const DEMO: [&str; 2] = ["iproute2", "iptables"];
 /// Packages for `cargo xtask bench`.

@@ -15,7 +15,8 @@ usage: cargo xtask <task>
 
   demo       run the demo on a local node (service-a calls service-b through the mesh)
   test       every test: unit, golden, in-process and local-node end-to-end (needs root)
-  bench      benchmarks: latency through the mesh vs direct vs an HAProxy pair, and more
+  bench      benchmarks (target/bench/): data plane vs direct and an HAProxy pair, iptables vs
+             eBPF redirection, routing rules, control-plane push, injection
   crds       regenerate deploy/crds from the Rust resource types
   lint       cargo fmt --check and clippy -D warnings
   kind-e2e   the end-to-end scenarios on a kind cluster (needs Docker and kind)
@@ -96,6 +97,7 @@ fn build_bins(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     require_root("test")?;
     deps::ensure(&deps::TEST)?;
+    run(root, &cargo(), &["fmt", "--all", "--check"], &[])?;
     let bins = build_bins(root, false)?;
     ebpf::build(root, &bins)?;
     let bin_dir = bins.display().to_string();
@@ -156,18 +158,73 @@ fn crds(root: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn bench(root: &Path, _extra: &[String]) -> anyhow::Result<()> {
+/// The benchmarks, each writing a markdown table and JSON to `target/bench/`, then one
+/// summary (`target/bench/README.md`). `cargo xtask bench [NAME…]` runs only those named:
+/// `dataplane`, `redirect`, `push`, `inject`, `route`.
+fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     require_root("bench")?;
     deps::ensure(&deps::BENCH)?;
     let bins = build_bins(root, true)?;
-    ebpf::build(root, &bins)?;
-    let bench = bins.join("weft-bench");
-    run(
-        root,
-        &bench.display().to_string(),
-        &[],
-        &[("WEFT_BIN_DIR", &bins.display().to_string())],
-    )
+    let object = ebpf::build(root, &bins)?;
+    let out = root.join("target").join("bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let out_s = out.display().to_string();
+    let bins_s = bins.display().to_string();
+    let object_s = object.display().to_string();
+    let env = [
+        ("WEFT_BIN_DIR", bins_s.as_str()),
+        ("WEFT_BENCH_DIR", out_s.as_str()),
+        ("WEFT_BPF_OBJECT", object_s.as_str()),
+    ];
+    let wants = |name: &str| extra.is_empty() || extra.iter().any(|e| e == name);
+    let cargo_bench = |package: &str, bench: &str| {
+        run(
+            root,
+            &cargo(),
+            &["bench", "--locked", "-p", package, "--bench", bench],
+            &env,
+        )
+    };
+    if wants("dataplane") {
+        run(
+            root,
+            &bins.join("weft-bench").display().to_string(),
+            &["dataplane"],
+            &env,
+        )?;
+    }
+    if wants("redirect") {
+        cargo_bench("weft-redirector", "redirect")?;
+    }
+    if wants("push") {
+        cargo_bench("weft-webhook", "push")?;
+    }
+    if wants("inject") {
+        cargo_bench("weft-webhook", "inject")?;
+    }
+    if wants("route") {
+        cargo_bench("weft-proxy", "route")?;
+    }
+    let mut summary = String::from(
+        "# Weft benchmarks\n\nWritten by `cargo xtask bench`; each section is also a file of its own here, with JSON beside it.\n",
+    );
+    for name in ["dataplane", "redirect", "push", "inject", "route"] {
+        if let Ok(md) = std::fs::read_to_string(out.join(format!("{name}.md"))) {
+            summary.push_str("\n");
+            // Each file's headings one level down.
+            for line in md.lines() {
+                if line.starts_with('#') {
+                    summary.push('#');
+                }
+                summary.push_str(line);
+                summary.push('\n');
+            }
+        }
+    }
+    let readme = out.join("README.md");
+    std::fs::write(&readme, summary).with_context(|| format!("write {}", readme.display()))?;
+    println!("benchmarks: {}", readme.display());
+    Ok(())
 }
 
 fn kind_e2e(root: &Path, extra: &[String]) -> anyhow::Result<()> {

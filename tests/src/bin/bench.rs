@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Serialize;
-use weft_tests::localnode::{LocalNode, NodeOptions, PodRef, ProcUsage, fixtures, proc_usage};
+use weft_tests::localnode::{
+    Interception, LocalNode, NodeOptions, PodRef, ProcUsage, fixtures, proc_usage,
+};
 use weft_tests::sample::LoadReport;
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,6 +52,8 @@ struct DataplaneReport {
 const RPS: u64 = 1000;
 const CONNS: u64 = 16;
 const BYTES: usize = 1024;
+/// Rules of the routing scenario's VirtualService (the matching one last).
+const ROUTING_RULES: usize = 50;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -162,14 +166,39 @@ fn haproxy_pod(
     pod
 }
 
+/// The VirtualService of the routing scenario: `rules` HTTP routes on `host`, only the last
+/// of which matches the benchmark's requests (`/bytes/…`); the others match on a header and
+/// a path the load never sends, so each request is checked against all of them.
+fn routing_rules(host: &str, rules: usize) -> String {
+    let mut yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}, namespace: bench}}\nspec:\n  hosts: [{host}]\n  http:\n"
+    );
+    for i in 1..rules {
+        yaml.push_str(&format!(
+            "  - match: [{{uri: {{prefix: /never-{i}/}}, headers: {{x-bench-rule: {{exact: \"{i}\"}}}}}}]\n    route: [{{destination: {{host: {host}}}}}]\n"
+        ));
+    }
+    yaml.push_str(&format!(
+        "  - match: [{{uri: {{prefix: /bytes/}}}}]\n    route: [{{destination: {{host: {host}}}}}]\n"
+    ));
+    yaml
+}
+
 fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
-    println!("dataplane: direct vs Weft sidecars vs HAProxy mTLS pair");
+    println!(
+        "dataplane: direct vs Weft sidecars (iptables and eBPF redirection, 1 and 50 routing rules) vs HAProxy mTLS pair"
+    );
     let mut proxy_env = vec![("WEFT_LOG_LEVEL".to_string(), "warn".to_string())];
     if let Ok(c) = std::env::var("WEFT_BENCH_PROXY_CONCURRENCY") {
         proxy_env.push(("WEFT_CONCURRENCY".into(), c));
     }
+    // An eBPF node: pods annotated `sidecar.istio.io/interceptionMode: REDIRECT` keep
+    // iptables rules of their own, the others are redirected by the node agent, so both
+    // redirect modes are measured on the same node in the same run.
     let node = LocalNode::start_with(NodeOptions {
         proxy_env,
+        interception: Interception::Ebpf,
+        nodes: 1,
         ..Default::default()
     })?;
     let dir = node.dir().join("bench");
@@ -185,11 +214,21 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
     std::fs::write(dir.join("client.bundle"), format!("{cc}{ck}"))?;
     std::fs::write(dir.join("server.bundle"), format!("{sc}{sk}"))?;
 
-    node.create_service(fixtures::service(
-        "bench",
-        "bench-server",
-        &[(8080, "http")],
+    for name in ["bench-ipt", "bench-ebpf"] {
+        node.create_service(fixtures::service("bench", name, &[(8080, "http")]))?;
+    }
+    // A second Service over the iptables server pods, for the 50-rule VirtualService.
+    let mut routed = fixtures::service("bench", "bench-routed", &[(8080, "http")]);
+    if let Some(spec) = routed.spec.as_mut() {
+        spec.selector = Some([("app".to_string(), "bench-ipt".to_string())].into());
+    }
+    node.create_service(routed)?;
+    node.apply_yaml(&format!(
+        "{}---\n{}",
+        routing_rules("bench-ipt", 1),
+        routing_rules("bench-routed", ROUTING_RULES)
     ))?;
+
     // Server pod addresses are allocated in order: the plain server is created first.
     let plain_server_ip = "10.44.0.2";
     let hs = dir.join("server.cfg");
@@ -231,16 +270,29 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
         fixtures::client_pod("bench", "plain-client", "client"),
         &hc,
     ))?;
-    let mesh_server = node.run_pod(fixtures::meshed(fixtures::app_pod(
+    let iptables = |pod| with_interception(pod, "REDIRECT");
+    let ipt_server = node.run_pod(iptables(fixtures::meshed(fixtures::app_pod(
         "bench",
-        "mesh-server",
-        "bench-server",
+        "ipt-server",
+        "bench-ipt",
+        "server",
+        &["--http", "8080"],
+    ))))?;
+    let ipt_client = node.run_pod(iptables(fixtures::meshed(fixtures::client_pod(
+        "bench",
+        "ipt-client",
+        "client",
+    ))))?;
+    let ebpf_server = node.run_pod(fixtures::meshed(fixtures::app_pod(
+        "bench",
+        "ebpf-server",
+        "bench-ebpf",
         "server",
         &["--http", "8080"],
     )))?;
-    let mesh_client = node.run_pod(fixtures::meshed(fixtures::client_pod(
+    let ebpf_client = node.run_pod(fixtures::meshed(fixtures::client_pod(
         "bench",
-        "mesh-client",
+        "ebpf-client",
         "client",
     )))?;
 
@@ -256,13 +308,35 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
         )?,
         measured(
             &node,
-            "weft",
-            &mesh_client,
-            &format!("http://bench-server:8080{path}"),
+            "weft-iptables",
+            &ipt_client,
+            &format!("http://bench-ipt:8080{path}"),
             seconds,
             &[
-                ("client sidecar", &mesh_client, "weft-proxy"),
-                ("server sidecar", &mesh_server, "weft-proxy"),
+                ("client sidecar", &ipt_client, "weft-proxy"),
+                ("server sidecar", &ipt_server, "weft-proxy"),
+            ],
+        )?,
+        measured(
+            &node,
+            "weft-ebpf",
+            &ebpf_client,
+            &format!("http://bench-ebpf:8080{path}"),
+            seconds,
+            &[
+                ("client sidecar", &ebpf_client, "weft-proxy"),
+                ("server sidecar", &ebpf_server, "weft-proxy"),
+            ],
+        )?,
+        measured(
+            &node,
+            "weft-iptables-50-rules",
+            &ipt_client,
+            &format!("http://bench-routed:8080{path}"),
+            seconds,
+            &[
+                ("client sidecar", &ipt_client, "weft-proxy"),
+                ("server sidecar", &ipt_server, "weft-proxy"),
             ],
         )?,
         measured(
@@ -293,6 +367,81 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
         added_p99_us: added(|m| m.p99_us),
         modes,
     })
+}
+
+/// Sets the pod's `sidecar.istio.io/interceptionMode`.
+fn with_interception(
+    mut pod: k8s_openapi::api::core::v1::Pod,
+    mode: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("sidecar.istio.io/interceptionMode".into(), mode.into());
+    pod
+}
+
+/// The issues' targets, each line saying what was measured against what was asked.
+fn targets(r: &DataplaneReport) -> Vec<String> {
+    let p50 = |mode: &str| {
+        r.added_p50_us
+            .iter()
+            .find(|(m, _)| m == mode)
+            .map(|(_, v)| *v)
+    };
+    let p99 = |mode: &str| {
+        r.added_p99_us
+            .iter()
+            .find(|(m, _)| m == mode)
+            .map(|(_, v)| *v)
+    };
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let mut out = Vec::new();
+    for m in &r.modes {
+        let sent = m.ok + m.failed;
+        if m.failed > 0 {
+            out.push(format!(
+                "{}: {} of {sent} requests failed; its latencies leave those out, so they flatter it",
+                m.mode, m.failed
+            ));
+        }
+    }
+    if let (Some(weft), Some(haproxy)) = (p50("weft-iptables"), p50("haproxy-mtls"))
+        && haproxy > 0
+    {
+        let pct = 100.0 * weft as f64 / haproxy as f64;
+        out.push(format!(
+            "the two sidecars add {weft} µs at p50, {pct:.0}% of the {haproxy} µs the HAProxy pair adds (target: at most 50%): {}",
+            verdict(pct <= 50.0)
+        ));
+    }
+    for m in r.modes.iter().filter(|m| m.mode.starts_with("weft")) {
+        let peak = m.proxies.iter().map(|p| p.peak_rss_mb).fold(0.0, f64::max);
+        out.push(format!(
+            "{}: largest sidecar peak RSS {peak:.1} MB at {} rps (target: under 15 MB): {}",
+            m.mode,
+            r.rps,
+            verdict(peak < 15.0)
+        ));
+    }
+    for (what, f) in [("p50", &p50 as &dyn Fn(&str) -> Option<i64>), ("p99", &p99)] {
+        if let (Some(ipt), Some(ebpf)) = (f("weft-iptables"), f("weft-ebpf"))
+            && ipt > 0
+        {
+            let less = 100.0 * (ipt - ebpf) as f64 / ipt as f64;
+            out.push(format!(
+                "eBPF redirection adds {ebpf} µs at {what} against {ipt} µs for iptables: {less:.0}% less (target: at least 20% less): {}",
+                verdict(less >= 20.0)
+            ));
+        }
+        if let (Some(one), Some(fifty)) = (f("weft-iptables"), f("weft-iptables-50-rules")) {
+            out.push(format!(
+                "{ROUTING_RULES} routing rules (the matching one last) against 1: {:+} µs at {what} end to end (per-request matcher cost: see route.md)",
+                fifty - one
+            ));
+        }
+    }
+    out
 }
 
 fn write_dataplane(out: &Path, r: &DataplaneReport) -> anyhow::Result<()> {
@@ -345,16 +494,9 @@ fn write_dataplane(out: &Path, r: &DataplaneReport) -> anyhow::Result<()> {
     for ((mode, p50), (_, p99)) in r.added_p50_us.iter().zip(&r.added_p99_us) {
         writeln!(md, "| {mode} | {p50} | {p99} |")?;
     }
-    if let (Some((_, weft)), Some((_, haproxy))) = (
-        r.added_p50_us.iter().find(|(m, _)| m == "weft"),
-        r.added_p50_us.iter().find(|(m, _)| m == "haproxy-mtls"),
-    ) && *haproxy > 0
-    {
-        writeln!(
-            md,
-            "\nWeft adds {:.0}% of the p50 latency the HAProxy pair adds (target: at most 50%).",
-            100.0 * *weft as f64 / *haproxy as f64
-        )?;
+    writeln!(md, "\nTargets:\n")?;
+    for line in targets(r) {
+        writeln!(md, "- {line}")?;
     }
     std::fs::write(out.join("dataplane.md"), &md)?;
     std::fs::write(out.join("dataplane.json"), serde_json::to_string_pretty(r)?)?;
