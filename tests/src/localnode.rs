@@ -1740,15 +1740,32 @@ impl Drop for Capture {
     }
 }
 
-impl Drop for LocalNode {
-    fn drop(&mut self) {
+impl LocalNode {
+    /// Removes everything the node made: pods (their processes, namespaces, hosts files,
+    /// cgroups), eBPF agents and their pins, control planes, the node namespace and the
+    /// node's files. Idempotent, and callable from another thread while the node is in use
+    /// (a signal handler): what is torn down is taken out of the node first.
+    pub fn teardown(&self) {
         let pods = std::mem::take(&mut self.state().pods);
         for run in pods {
             teardown_pod(run, Duration::from_secs(2));
         }
+        drop(std::mem::take(
+            &mut *self.agents.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
+        for cp in [&self.control_plane, &self.rogue] {
+            drop(cp.lock().unwrap_or_else(|p| p.into_inner()).take());
+        }
         network::delete_netns(&self.ns);
         remove_cgroup(&self.cgroup);
+        let _ = fs::remove_dir_all(self.dir.path());
         tracing::info!(node = %self.id, "local node removed");
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }
 
