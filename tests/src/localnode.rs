@@ -1359,6 +1359,31 @@ impl LocalNode {
         Ok(out)
     }
 
+    /// Established TCP sockets in a pod's network namespace matching an `ss` filter (e.g.
+    /// `dst 10.44.0.2`), counted.
+    pub fn established(&self, r: &PodRef, filter: &str) -> anyhow::Result<usize> {
+        let mut argv = vec![
+            "netns",
+            "exec",
+            &r.netns,
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+        ];
+        argv.extend(filter.split_whitespace());
+        let o = Command::new("ip").args(&argv).output().context("run ss")?;
+        anyhow::ensure!(
+            o.status.success(),
+            "ss {filter}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count())
+    }
+
     /// The eBPF agents' logs.
     pub fn agent_logs(&self) -> String {
         self.agents
@@ -1683,6 +1708,13 @@ pub struct Background {
 }
 
 impl Background {
+    /// Whether the command is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Waits for the command and returns its output.
     pub fn wait(mut self) -> anyhow::Result<Output> {
         let child = self.child.take().context("already waited")?;

@@ -448,6 +448,121 @@ spec:
     );
 }
 
+fn disable_takes_plaintext_from_everyone(mode: Interception) {
+    let node = start(mode, NodeOptions::default());
+    let (a, b) = genesis(&node);
+    let plain = node
+        .run_pod(fixtures::client_pod("genesis", "no-sidecar", "no-sidecar"))
+        .expect("plain pod");
+    node.apply_yaml(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: b-disable, namespace: genesis}
+spec:
+  selector: {matchLabels: {app: service-b}}
+  mtls: {mode: DISABLE}
+"#,
+    )
+    .expect("peer authentication");
+    node.wait_config_applied(Duration::from_secs(10))
+        .expect("config applied");
+    let capture = node.capture().expect("capture");
+    // A's sidecar knows B's port has mTLS disabled and sends plaintext, as Istio's auto mTLS
+    // does: B's app sees no caller identity, and the request crosses the bridge readable.
+    let r = http(
+        &node,
+        &a,
+        &[
+            "http://service-b:8080/disable-marker-7c1e",
+            "--header",
+            "x-forwarded-client-cert: URI=spiffe://evil/ns/x/sa/y",
+        ],
+    );
+    assert_eq!(r.ok, 1, "{r:?}");
+    assert_eq!(r.replies[0].caller(), None, "{r:?}");
+    assert_eq!(
+        r.replies[0].xfcc(),
+        None,
+        "a forged header must not reach the app"
+    );
+    // A pod without a sidecar gets in too.
+    let r = http(&node, &plain, &[&format!("http://{}:8080/plain", b.ip)]);
+    assert_eq!(r.ok, 1, "{r:?}");
+    let bytes = capture.finish().expect("capture");
+    assert!(
+        contains(&bytes, b"disable-marker-7c1e"),
+        "DISABLE: the mesh request should cross in plaintext"
+    );
+    let m = node.proxy_metrics(&b).expect("metrics");
+    assert!(
+        metric(
+            &m,
+            "weft_requests_total",
+            &[("direction", "inbound"), ("mtls", "false"), ("code", "200")]
+        ) >= 2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "weft_requests_total",
+            &[("direction", "inbound"), ("mtls", "true")]
+        ),
+        0.0,
+        "{m}"
+    );
+}
+
+fn http1_connections_share_one_mesh_connection(mode: Interception) {
+    let node = start(mode, NodeOptions::default());
+    let (a, b) = genesis(&node);
+    // 64 slow requests, 16 at a time: HTTP/1.1 cannot multiplex, so the app opens 16
+    // connections to its sidecar, which carries them all on one HTTP/2 mTLS connection.
+    let mut load = node
+        .spawn_exec(
+            &a,
+            &[
+                "weft-sample-app",
+                "http",
+                "http://service-b:8080/delay/200",
+                "--count",
+                "64",
+                "--concurrency",
+                "16",
+            ],
+        )
+        .expect("load");
+    // Sockets in A's namespace while it runs: the app's to its sidecar (to the VIP's port
+    // 8080 with iptables, to 127.0.0.1:15001 with eBPF), and the sidecar's to B's pod.
+    let (mut app, mut mesh) = (0, 0);
+    while load.running() {
+        app = app.max(
+            node.established(
+                &a,
+                &format!(
+                    "( ( dport = :8080 and not dst {} ) or dport = :15001 )",
+                    b.ip
+                ),
+            )
+            .expect("ss"),
+        );
+        mesh = mesh.max(node.established(&a, &format!("dst {}", b.ip)).expect("ss"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r: HttpReport = load.wait_json().expect("load report");
+    assert_eq!(r.ok, 64, "{r:?}");
+    assert_eq!(r.versions.get("HTTP/1.1"), Some(&64), "{r:?}");
+    assert!(
+        app >= 8,
+        "the app used {app} connections; the test needs many"
+    );
+    assert_eq!(
+        mesh, 1,
+        "{app} app connections should ride one mesh connection"
+    );
+}
+
 fn peers_with_a_wrong_identity_or_another_root_are_rejected(mode: Interception) {
     let node = start(mode, NodeOptions::default());
     let (a, b) = genesis(&node);
@@ -804,6 +919,8 @@ in_both_modes!(
     every_protocol_crosses_both_sidecars_with_the_callers_identity,
     bytes_between_meshed_pods_are_tls,
     strict_refuses_plaintext_permissive_accepts_it,
+    disable_takes_plaintext_from_everyone,
+    http1_connections_share_one_mesh_connection,
     peers_with_a_wrong_identity_or_another_root_are_rejected,
     config_reload_under_load_drops_no_established_connection,
     sigterm_drains_in_flight_requests_then_exits_zero,
