@@ -496,7 +496,82 @@ mod tests {
         let err = handshake(mesh.workload(B), creds, B)
             .await
             .expect_err("client from another root");
-        assert!(!err.is_empty());
+        // The server's refusal reaches the client as a TLS alert about its certificate.
+        let lower = err.to_lowercase();
+        assert!(
+            lower.contains("alert")
+                && (lower.contains("certificate") || lower.contains("unknownca")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_tls_1_3_is_spoken_between_sidecars() {
+        let ca = Ca::new("mesh");
+        let server = TlsContext::new(ca.workload(B)).expect("server ctx");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config());
+        let srv = tokio::spawn(async move {
+            let mut versions = Vec::new();
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                versions.push(
+                    acceptor
+                        .accept(tcp)
+                        .await
+                        .map(|tls| tls.get_ref().1.protocol_version())
+                        .map_err(|e| e.to_string()),
+                );
+            }
+            versions
+        });
+
+        // A sidecar's client: TLS 1.3.
+        let client = TlsContext::new(ca.workload(A)).expect("client ctx");
+        let connector = tokio_rustls::TlsConnector::from(
+            client.client_config(B, ALPN_TCP).expect("client config"),
+        );
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let tls = connector
+            .connect(server_name(addr.ip()), tcp)
+            .await
+            .expect("mesh handshake");
+        assert_eq!(
+            tls.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+
+        // A client with a valid mesh certificate that only speaks TLS 1.2 is refused.
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.cert.clone()).expect("root");
+        let creds = ca.workload(A);
+        let old =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS12])
+                .expect("tls 1.2 config")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(creds.chain, creds.key)
+                .expect("client cert");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let err = tokio_rustls::TlsConnector::from(Arc::new(old))
+            .connect(server_name(addr.ip()), tcp)
+            .await
+            .expect_err("TLS 1.2 must be refused");
+        // No version in common: the handshake fails on both sides over the protocol version.
+        let err = err.to_string();
+        assert!(
+            err.contains("Tls12NotOffered") || err.contains("ProtocolVersion"),
+            "{err}"
+        );
+
+        let versions = srv.await.expect("server task");
+        assert_eq!(versions[0], Ok(Some(rustls::ProtocolVersion::TLSv1_3)));
+        let refused = versions[1].as_ref().expect_err("server refused TLS 1.2");
+        assert!(
+            refused.contains("Tls12NotOffered") || refused.contains("ProtocolVersion"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub const ANNOTATION_TOKEN_SA: &str = "localnode.weft.dev/token-service-account"
 /// Pod annotation (local node only): `rogue` makes the pod's proxy use a second control plane
 /// whose CA is another root, one the mesh does not trust.
 pub const ANNOTATION_CA: &str = "localnode.weft.dev/ca";
+/// Pod annotation (local node only): the path of a static config file (the `weft-api`
+/// config model) for the pod's proxy, run as `weft-proxy --config PATH` without the control
+/// plane; the file names the certificate files it uses.
+pub const ANNOTATION_PROXY_CONFIG: &str = "localnode.weft.dev/proxy-config";
 /// Binaries the local node knows how to run, by command or image name.
 const KNOWN_BINARIES: [&str; 4] = [
     "weft-proxy",
@@ -147,6 +151,7 @@ struct PodRun {
     dir: PathBuf,
     cgroup: PathBuf,
     procs: Vec<Proc>,
+    /// Its proxy follows the control plane (not a static config file): `sync` waits for it.
     meshed: bool,
     running: bool,
 }
@@ -468,7 +473,12 @@ impl LocalNode {
             .iter()
             .flatten()
             .chain(spec.containers.iter())
-            .any(|c| self.program(c).is_ok_and(|p| p.ends_with("weft-proxy")));
+            .any(|c| self.program(c).is_ok_and(|p| p.ends_with("weft-proxy")))
+            && !pod
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(ANNOTATION_PROXY_CONFIG));
         let (n, r, dir, cgroup) = {
             let mut st = self.state();
             anyhow::ensure!(
@@ -548,6 +558,22 @@ impl LocalNode {
             Some(other) => bail!("{ANNOTATION_CA}: unknown value {other:?} (only \"rogue\")"),
             None => self.root_cert_pem(),
         };
+        if let Some(file) = annotations.get(ANNOTATION_PROXY_CONFIG)
+            && let Some(spec) = pod.spec.as_mut()
+        {
+            for c in spec
+                .init_containers
+                .iter_mut()
+                .flatten()
+                .chain(spec.containers.iter_mut())
+                .filter(|c| c.name == "weft-proxy")
+            {
+                c.args = Some(vec!["--config".into(), file.clone()]);
+                c.env
+                    .get_or_insert_with(Vec::new)
+                    .retain(|e| e.name != "WEFT_CONTROL_PLANE");
+            }
+        }
         if !env.is_empty()
             && let Some(spec) = pod.spec.as_mut()
         {
@@ -1320,6 +1346,27 @@ impl LocalNode {
             .get_mut(index)
             .context("no such agent")?
             .restart(down_for)
+    }
+
+    /// The snapshot the control plane computes for a pod (`/debug/config_dump`).
+    pub fn config_dump(&self, namespace: &str, name: &str) -> anyhow::Result<serde_json::Value> {
+        let cp = self.control_plane.lock().unwrap_or_else(|p| p.into_inner());
+        cp.as_ref()
+            .context("no control plane")?
+            .config_dump(namespace, name)
+    }
+
+    /// A workload certificate and key (PEM) for `spiffe_id`, signed by the mesh CA itself
+    /// (the control plane's `ca-key.pem`), as a proxy with a static config would be given.
+    pub fn issue_mesh_cert(&self, spiffe_id: &str) -> anyhow::Result<(String, String)> {
+        let dir = self.dir.path().join("control-plane/ca");
+        let ca = Ca::load(
+            &fs::read_to_string(dir.join("ca-cert.pem"))?,
+            &fs::read_to_string(dir.join("ca-key.pem"))?,
+        )
+        .context("the mesh CA")?;
+        let issued = ca.issue_with_dns("", spiffe_id)?;
+        Ok((issued.cert_pem, issued.key_pem))
     }
 
     /// The eBPF agents' Prometheus text, one entry per simulated node.

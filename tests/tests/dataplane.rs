@@ -881,6 +881,116 @@ fn readiness_reflects_config_and_identity(mode: Interception) {
     assert_eq!(r.ok, 1, "{r:?}");
 }
 
+/// `weft-proxy --config FILE` (no control plane): a pod whose proxy reads the config model
+/// and its certificate files from disk serves traffic, applies a change and refuses a broken
+/// file while established connections carry on, with no failed request.
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_static_config_file_is_served_and_reloaded_under_load() {
+    let node = start(Interception::Iptables, NodeOptions::default());
+    let (_a, _b) = genesis(&node);
+    let dir = node.dir().join("static");
+    std::fs::create_dir_all(&dir).expect("dir");
+    // What the control plane would give service-a, with certificate files instead of a CA.
+    let (cert, key) = node.issue_mesh_cert(A_ID).expect("certificate");
+    for (name, pem) in [
+        ("cert.pem", cert),
+        ("key.pem", key),
+        ("root.pem", node.root_cert_pem()),
+    ] {
+        std::fs::write(dir.join(name), pem).expect("write pem");
+    }
+    let mut snapshot = node
+        .config_dump("genesis", "service-a")
+        .expect("config dump");
+    snapshot["identity"] = serde_json::json!({
+        "certChain": dir.join("cert.pem"),
+        "privateKey": dir.join("key.pem"),
+        "rootCert": dir.join("root.pem"),
+    });
+    let file = dir.join("config.yaml");
+    let write = |text: &str| {
+        let tmp = dir.join("config.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, &file).expect("rename config");
+    };
+    let versioned = |v: &str| {
+        let mut s = snapshot.clone();
+        s["version"] = v.into();
+        serde_json::to_string_pretty(&s).expect("json")
+    };
+    write(&versioned("file-1"));
+    let mut pod = fixtures::meshed(fixtures::client_pod("genesis", "static-a", "service-a"));
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            weft_tests::localnode::ANNOTATION_PROXY_CONFIG.into(),
+            file.display().to_string(),
+        );
+    let s = node.run_pod(pod).expect("static pod");
+    let version = || -> String {
+        node.http_get(IpAddr::V4(s.ip), 15021, "/healthz/ready")
+            .expect("ready")
+            .1
+            .get("x-weft-config-version")
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(version(), "file-1");
+    let r = http(&node, &s, &["http://service-b:8080/static"]);
+    assert_eq!(r.ok, 1, "{r:?}");
+    assert_eq!(r.replies[0].caller(), Some(A_ID), "{r:?}");
+
+    // Keep-alive load while the file changes twice.
+    let load = node
+        .spawn_exec(
+            &s,
+            &[
+                "weft-sample-app",
+                "load",
+                "http://service-b:8080/bytes/64",
+                "--rps",
+                "200",
+                "--duration",
+                "4s",
+                "--conns",
+                "4",
+            ],
+        )
+        .expect("load");
+    std::thread::sleep(Duration::from_millis(1000));
+    write(&versioned("file-2"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while version() != "file-2" {
+        assert!(Instant::now() < deadline, "file-2 never applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    write("services: [this is not a service]\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = node.proxy_metrics(&s).expect("metrics");
+        if metric(&m, "weft_config_updates_total", &[("outcome", "rejected")]) >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken file was not noticed:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(version(), "file-2", "the last good config stays");
+    let report: LoadReport = load.wait_json().expect("load report");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.ok >= 600, "{report:?}");
+    let logs = node.logs(&s, "weft-proxy");
+    assert!(
+        logs.contains("config rejected; keeping the last good one"),
+        "{logs}"
+    );
+}
+
 /// A node for `mode`: eBPF mode simulates two nodes (two cgroup subtrees, two agents).
 fn start(mode: Interception, options: NodeOptions) -> LocalNode {
     let nodes = if mode == Interception::Ebpf { 2 } else { 1 };

@@ -210,7 +210,7 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     );
     for name in ["dataplane", "redirect", "push", "inject", "route"] {
         if let Ok(md) = std::fs::read_to_string(out.join(format!("{name}.md"))) {
-            summary.push_str("\n");
+            summary.push('\n');
             // Each file's headings one level down.
             for line in md.lines() {
                 if line.starts_with('#') {

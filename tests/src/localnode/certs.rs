@@ -39,6 +39,16 @@ impl Ca {
         })
     }
 
+    /// The CA of existing PEM files (the control plane's `ca-cert.pem` and `ca-key.pem`).
+    pub fn load(cert_pem: &str, key_pem: &str) -> anyhow::Result<Ca> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Ca {
+            cert_pem: cert_pem.to_owned(),
+            issuer,
+        })
+    }
+
     /// A workload certificate for `spiffe_id` that also names `dns` (when not empty).
     pub fn issue_with_dns(&self, dns: &str, spiffe_id: &str) -> anyhow::Result<Issued> {
         let key = KeyPair::generate()?;

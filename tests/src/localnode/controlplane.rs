@@ -289,6 +289,20 @@ impl ControlPlane {
         Ok(serde_json::from_slice(&body)?)
     }
 
+    /// The snapshot it computes for a pod (`/debug/config_dump?proxy=ns/name`).
+    pub fn config_dump(&self, namespace: &str, name: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.post(
+            &format!("/debug/config_dump?proxy={namespace}/{name}"),
+            None,
+        )?;
+        anyhow::ensure!(
+            status == 200,
+            "/debug/config_dump answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        Ok(serde_json::from_slice(&body)?)
+    }
+
     /// Stops the process (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
