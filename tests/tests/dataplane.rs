@@ -991,6 +991,78 @@ fn a_static_config_file_is_served_and_reloaded_under_load() {
     );
 }
 
+/// The eBPF agents restart (killed, down a while, started again) under load: the pinned
+/// programs and maps keep redirecting, new connections made while they are down included,
+/// and a pod started afterwards is taken as usual.
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn restarting_the_ebpf_agents_under_load_fails_no_request() {
+    let node = start(Interception::Ebpf, NodeOptions::default());
+    let (a, _b) = genesis(&node);
+    let load = node
+        .spawn_exec(
+            &a,
+            &[
+                "weft-sample-app",
+                "load",
+                "http://service-b:8080/bytes/64",
+                "--rps",
+                "200",
+                "--duration",
+                "5s",
+                "--conns",
+                "4",
+            ],
+        )
+        .expect("load");
+    std::thread::sleep(Duration::from_millis(1000));
+    for index in 0..2 {
+        // While this agent is down, new connections from both nodes' pods.
+        let tcp = node
+            .spawn_exec(
+                &a,
+                &[
+                    "weft-sample-app",
+                    "tcp",
+                    "service-b:9000",
+                    "--bytes",
+                    "20000",
+                    "--over",
+                    "1s",
+                ],
+            )
+            .expect("tcp during the restart");
+        node.restart_agent(index, Duration::from_millis(1500))
+            .expect("restart agent");
+        let t: TcpReport = tcp.wait_json().expect("tcp report");
+        assert!(
+            t.identical && t.error.is_none(),
+            "agent {index} down: {t:?}"
+        );
+    }
+    let report: LoadReport = load.wait_json().expect("load report");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.ok >= 800, "{report:?}");
+    assert!(
+        node.agent_logs().matches("restarted=true").count() >= 2,
+        "{}",
+        node.agent_logs()
+    );
+    // A pod that comes after the restarts is taken and meshed.
+    let late = node
+        .run_pod(fixtures::meshed(fixtures::client_pod(
+            "genesis", "late", "late",
+        )))
+        .expect("late pod");
+    let r = http(&node, &late, &["http://service-b:8080/late"]);
+    assert_eq!(r.ok, 1, "{r:?}");
+    assert_eq!(
+        r.replies[0].caller(),
+        Some("spiffe://cluster.local/ns/genesis/sa/late")
+    );
+    assert_redirected_by(&node, Interception::Ebpf, &[&late]);
+}
+
 /// A node for `mode`: eBPF mode simulates two nodes (two cgroup subtrees, two agents).
 fn start(mode: Interception, options: NodeOptions) -> LocalNode {
     let nodes = if mode == Interception::Ebpf { 2 } else { 1 };
