@@ -954,3 +954,103 @@ spec:
     );
     assert_eq!(servers(&r), ["reviews-v1"]);
 }
+
+/// LEAST_REQUEST weighs endpoints by their live load (requests in flight × latency): a slow
+/// pod gets a small share, where ROUND_ROBIN gives it a third.
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn least_request_steers_away_from_a_slow_endpoint() {
+    let t = reviews(&[("v1", &["--delay-all", "150ms"])]);
+    let share_v1 = |policy: &str| {
+        t.apply(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: bookinfo}}\nspec:\n  host: reviews\n  trafficPolicy: {{loadBalancer: {{simple: {policy}}}}}\n"
+        ));
+        let r = t.http(&[
+            "http://reviews:8080/lb",
+            "--count",
+            "600",
+            "--concurrency",
+            "8",
+        ]);
+        assert_eq!(r.ok, 600, "{policy}: {r:?}");
+        (t.share(&r, "v1"), r)
+    };
+    let (rr, r) = share_v1("ROUND_ROBIN");
+    assert!(
+        (28.0..=39.0).contains(&rr),
+        "ROUND_ROBIN gave v1 {rr:.1}%: {:?}",
+        r.servers
+    );
+    let (lr, r) = share_v1("LEAST_REQUEST");
+    assert!(
+        lr < 15.0,
+        "LEAST_REQUEST gave the slow v1 {lr:.1}%: {:?}",
+        r.servers
+    );
+}
+
+/// Endpoints come and go under load: a pod deleted with a grace period finishes its
+/// in-flight requests and stops getting new ones, a new pod starts getting traffic, and no
+/// request fails.
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn endpoints_come_and_go_under_load_without_a_failed_request() {
+    let t = reviews(&[]);
+    let load = t
+        .node
+        .spawn_exec(
+            &t.client,
+            &[
+                "weft-sample-app",
+                "load",
+                "http://reviews:8080/delay/100",
+                "--rps",
+                "50",
+                "--duration",
+                "6s",
+                "--conns",
+                "16",
+            ],
+        )
+        .expect("load");
+    std::thread::sleep(Duration::from_millis(1500));
+    // v3 goes: its endpoint is withdrawn first, its containers get SIGTERM after.
+    t.node
+        .delete_pod(&t.pods["v3"], Duration::from_secs(5))
+        .expect("delete v3");
+    // v4 comes.
+    let v4 = t
+        .node
+        .run_pod(fixtures::meshed(fixtures::versioned_pod(
+            "bookinfo",
+            "reviews-v4",
+            "reviews",
+            "v4",
+            "reviews",
+        )))
+        .expect("v4");
+    let report: weft_tests::sample::LoadReport = load.wait_json().expect("load report");
+    assert_eq!(
+        report.failed,
+        0,
+        "{report:?}\nclient proxy:\n{}",
+        t.node.logs(&t.client, "weft-proxy")
+    );
+    assert!(report.ok >= 250, "{report:?}");
+    // After the churn: v3 gets nothing, v4 gets its share.
+    let r = t.http(&[
+        "http://reviews:8080/after",
+        "--count",
+        "300",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(r.ok, 300, "{r:?}");
+    assert_eq!(r.servers.get("reviews-v3"), None, "{:?}", r.servers);
+    assert!(
+        r.servers.get("reviews-v4").copied().unwrap_or(0) >= 50,
+        "{:?}",
+        r.servers
+    );
+    assert_eq!(v4.name, "reviews-v4");
+}
