@@ -1019,8 +1019,7 @@ fn endpoints_come_and_go_under_load_without_a_failed_request() {
         .delete_pod(&t.pods["v3"], Duration::from_secs(5))
         .expect("delete v3");
     // v4 comes.
-    let v4 = t
-        .node
+    t.node
         .run_pod(fixtures::meshed(fixtures::versioned_pod(
             "bookinfo",
             "reviews-v4",
@@ -1052,5 +1051,4 @@ fn endpoints_come_and_go_under_load_without_a_failed_request() {
         "{:?}",
         r.servers
     );
-    assert_eq!(v4.name, "reviews-v4");
 }
