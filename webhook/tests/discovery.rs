@@ -230,3 +230,104 @@ async fn a_slow_proxy_does_not_hold_back_others() {
     }
     h.stop().await;
 }
+
+fn service_object(name: &str, vip: u8) -> weft_webhook::resources::Object {
+    let value = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "genesis"},
+        "spec": {
+            "clusterIP": format!("10.96.1.{vip}"),
+            "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80}],
+        },
+    });
+    weft_webhook::resources::Object::from_value(&value)
+        .expect("a service")
+        .expect("a kind the store keeps")
+}
+
+fn hostnames(m: &weft_api::discovery::DiscoveryResponse) -> Vec<String> {
+    m.snapshot
+        .services
+        .iter()
+        .map(|s| s.hostname.clone())
+        .collect()
+}
+
+fn pushes(h: &Harness) -> u64 {
+    let metrics = h.discovery.metrics().encode();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weft_pushes_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no weft_pushes_total in {metrics}"))
+}
+
+#[tokio::test]
+async fn a_burst_of_changes_is_one_push() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    let mut p = proxy(&h, "genesis", "service-a", "service-a-1").await;
+    assert_eq!(p.status, 200, "{:?}", p.error_body);
+    let first = p.next(WAIT).await.expect("first snapshot");
+    p.ack(&first.version).await;
+    let before = pushes(&h);
+
+    // Twenty changes, one store update each, well inside the debounce window.
+    const N: usize = 20;
+    for i in 0..N {
+        let object = service_object(&format!("burst-{i}"), i as u8 + 1);
+        h.store.update(|r| {
+            r.upsert(object);
+            true
+        });
+    }
+    // The next message holds all of them: nothing was pushed half-way through the burst.
+    let burst = p.next(WAIT).await.expect("snapshot after the burst");
+    let names = hostnames(&burst);
+    for i in 0..N {
+        let host = format!("burst-{i}.genesis.svc.cluster.local");
+        assert!(names.contains(&host), "{host} missing from {names:?}");
+    }
+    p.ack(&burst.version).await;
+
+    // A change after the window: the very next message is that change (no stray push of the
+    // burst in between), and the burst cost one push.
+    h.store.update(|r| {
+        r.upsert(service_object("later", 200));
+        true
+    });
+    let later = p.next(WAIT).await.expect("snapshot after a later change");
+    assert!(
+        hostnames(&later).contains(&"later.genesis.svc.cluster.local".to_owned()),
+        "{:?}",
+        hostnames(&later)
+    );
+    assert!(later.version.parse::<u64>().expect("n") > burst.version.parse::<u64>().expect("n"));
+    p.ack(&later.version).await;
+    assert_eq!(
+        pushes(&h),
+        before + 2,
+        "one push for the burst, one for the later change"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_trust_bundle_reaches_an_open_stream() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    let mut p = proxy(&h, "genesis", "service-a", "service-a-1").await;
+    let first = p.next(WAIT).await.expect("first snapshot");
+    assert_eq!(first.trust_bundle, vec![h.roots_pem.clone()]);
+    p.ack(&first.version).await;
+    let next = weft_webhook::ca::Material::generate("cluster.local").expect("root");
+    h.discovery
+        .set_trust_bundle(vec![h.roots_pem.clone(), next.root_cert.clone()]);
+    let m = p.next(WAIT).await.expect("the new bundle");
+    assert_eq!(m.trust_bundle, vec![h.roots_pem.clone(), next.root_cert]);
+    assert_eq!(
+        m.snapshot.services, first.snapshot.services,
+        "config unchanged"
+    );
+    h.stop().await;
+}
