@@ -264,7 +264,7 @@ fn pushes(h: &Harness) -> u64 {
         .unwrap_or_else(|| panic!("no weft_pushes_total in {metrics}"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_changes_is_one_push() {
     let h = Harness::start(&[("pods.yaml", PODS)]).await;
     let mut p = proxy(&h, "genesis", "service-a", "service-a-1").await;
@@ -273,7 +273,9 @@ async fn a_burst_of_changes_is_one_push() {
     p.ack(&first.version).await;
     let before = pushes(&h);
 
-    // Twenty changes, one store update each, well inside the debounce window.
+    // Twenty changes, one store update each, a millisecond apart: each well inside the
+    // debounce of the one before, while discovery runs beside them (without the debounce it
+    // would push a snapshot with only the first few).
     const N: usize = 20;
     for i in 0..N {
         let object = service_object(&format!("burst-{i}"), i as u8 + 1);
@@ -281,6 +283,7 @@ async fn a_burst_of_changes_is_one_push() {
             r.upsert(object);
             true
         });
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     // The next message holds all of them: nothing was pushed half-way through the burst.
     let burst = p.next(WAIT).await.expect("snapshot after the burst");
@@ -328,6 +331,68 @@ async fn a_new_trust_bundle_reaches_an_open_stream() {
     assert_eq!(
         m.snapshot.services, first.snapshot.services,
         "config unchanged"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn kubernetes_mode_admits_only_pods_that_exist() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    let (listed_tx, listed) = tokio::sync::watch::channel(false);
+    h.discovery.require_known_pods(listed);
+
+    // A pod that exists, with the certificate's service account; it waits for the listing.
+    let opening = tokio::spawn({
+        let (addr, roots) = (h.addr, h.roots_pem.clone());
+        let (chain, key) = h.workload_cert("genesis", "service-a");
+        async move {
+            let tls = client_tls(&roots, Some((&chain, &key)));
+            ProxyStream::open(addr, tls, node("genesis", "service-a-1")).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    listed_tx.send_replace(true);
+    let mut p = opening.await.expect("join");
+    assert_eq!(p.status, 200, "{:?}", p.error_body);
+    p.next(WAIT).await.expect("snapshot");
+
+    // A pod that does not exist: refused, naming it.
+    let ghost = proxy(&h, "genesis", "service-a", "ghost-1").await;
+    assert_eq!(ghost.status, 403);
+    assert!(
+        ghost
+            .error_body
+            .as_deref()
+            .is_some_and(|b| b.contains("no pod genesis/ghost-1")),
+        "{:?}",
+        ghost.error_body
+    );
+
+    // A pod whose watch event trails its proxy: admitted once it shows up.
+    let late = tokio::spawn({
+        let (addr, roots) = (h.addr, h.roots_pem.clone());
+        let (chain, key) = h.workload_cert("genesis", "service-a");
+        async move {
+            let tls = client_tls(&roots, Some((&chain, &key)));
+            ProxyStream::open(addr, tls, node("genesis", "late-1")).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.write(
+        "late.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: late-1, namespace: genesis, labels: {app: late}}\nspec: {serviceAccountName: service-a, containers: [{name: app, image: x}]}\nstatus: {podIP: 10.44.0.7}\n",
+    );
+    let mut late = late.await.expect("join");
+    assert_eq!(late.status, 200, "{:?}", late.error_body);
+    let snapshot = late.next(WAIT).await.expect("snapshot");
+    assert_eq!(
+        snapshot
+            .snapshot
+            .workload
+            .labels
+            .get("app")
+            .map(String::as_str),
+        Some("late")
     );
     h.stop().await;
 }

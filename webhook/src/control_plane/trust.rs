@@ -448,7 +448,7 @@ mod tests {
             vec![one.root_cert.clone(), two.root_cert.clone()]
         );
         std::fs::write(dir.join("broken.pem"), "not a certificate").expect("write");
-        let error = read_extra_roots(&[dir.clone()]).expect_err("no certificate");
+        let error = read_extra_roots(std::slice::from_ref(&dir)).expect_err("no certificate");
         assert!(error.to_string().contains("broken.pem"), "{error}");
         let error = read_extra_roots(&[tmp.path().join("missing.pem")]).expect_err("missing");
         assert!(error.to_string().contains("missing.pem"), "{error}");
@@ -523,7 +523,10 @@ mod tests {
         std::fs::write(ca_dir.join(FILE_CA_CERT), &next.ca_cert).expect("write");
         tokio::time::sleep(FILE_RELOAD * 5).await;
         assert!(rx.try_recv().is_err(), "a mismatched key is never taken");
-        assert_eq!(live.current().roots(), [material.root_cert.clone()]);
+        assert_eq!(
+            live.current().roots(),
+            std::slice::from_ref(&material.root_cert)
+        );
         std::fs::write(ca_dir.join(FILE_CA_KEY), &next.ca_key).expect("write");
         std::fs::write(
             ca_dir.join(FILE_ROOT_CERT),
