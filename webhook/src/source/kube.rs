@@ -443,6 +443,7 @@ pub async fn keep_root_config_maps(
     let mut generation = store.subscribe();
     let mut published: BTreeSet<String> = BTreeSet::new();
     let mut last_full = tokio::time::Instant::now();
+    let mut roots_open = true;
     loop {
         let roots_pem = roots.borrow_and_update().clone();
         let resources = store.snapshot();
@@ -467,10 +468,13 @@ pub async fn keep_root_config_maps(
         }
         tokio::select! {
             _ = generation.changed() => {},
-            changed = roots.changed() => {
+            changed = roots.changed(), if roots_open => {
                 if changed.is_ok() {
                     info!(namespaces = published.len(), "trust bundle changed; republishing the root config maps");
                     published.clear();
+                } else {
+                    // The rotation is gone (shutting down): the bundle stays as it is.
+                    roots_open = false;
                 }
             },
             () = tokio::time::sleep(Duration::from_secs(30)) => {},
