@@ -53,9 +53,11 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Parses `host:port` (`[v6]:port` for IPv6 literals).
+    /// Parses `host:port` (`[v6]:port` for IPv6 literals). The address is also the
+    /// authority of the requests, so it must be a valid URI authority.
     pub fn parse(addr: &str) -> Result<ControlPlane, ControlError> {
         let bad = || ControlError::Address(addr.to_owned());
+        http::uri::Authority::try_from(addr).map_err(|_| bad())?;
         let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -154,5 +156,14 @@ mod tests {
         assert_eq!(cp.host, "fd00::1");
         assert!(ControlPlane::parse("no-port").is_err());
         assert!(ControlPlane::parse("host:0").is_err());
+        for bad in [
+            "bad host:15012",
+            "host/path:15012",
+            "user@host:15012x",
+            "[fd00::1:15012",
+        ] {
+            let error = ControlPlane::parse(bad).expect_err(bad);
+            assert!(error.to_string().contains(bad), "{error}");
+        }
     }
 }

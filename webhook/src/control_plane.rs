@@ -6,10 +6,16 @@
 //! were given). HTTP/2 and HTTP/1.1. Client certificates are optional at the TLS layer (the
 //! CA is called before the proxy has one) but verified against the trust bundle when shown;
 //! discovery requires one and takes the proxy's identity from its SPIFFE URI SAN.
+//!
+//! The CA can be replaced while the port serves (a root rotation, see [`trust`]): signing
+//! uses the [`LiveCa`], and [`LiveTls`] re-issues the serving certificate and re-reads the
+//! trusted roots for new connections. Open connections and streams keep theirs.
+
+pub mod trust;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -23,10 +29,15 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rustls::RootCertStore;
-use rustls::server::WebPkiClientVerifier;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use weft_api::discovery::{CertificateRequest, PATH_CERTIFICATES, PATH_DISCOVERY};
@@ -70,7 +81,7 @@ pub enum ControlPlaneError {
 /// What the handlers share.
 #[derive(Debug)]
 pub struct ControlPlane {
-    /// The CA.
+    /// The CA (at start: [`router_with`] signs with the one in force).
     pub ca: Arc<Ca>,
     /// Token verification.
     pub verifier: TokenVerifier,
@@ -93,39 +104,178 @@ pub fn serving_names(service: &str, namespace: &str, ips: &[std::net::IpAddr]) -
     names
 }
 
+/// The CA in force: the one signing workload certificates, whose roots are the trust
+/// bundle. A root rotation replaces it.
+#[derive(Debug)]
+pub struct LiveCa(watch::Sender<Arc<Ca>>);
+
+impl LiveCa {
+    /// Starts with `ca`.
+    pub fn new(ca: Arc<Ca>) -> Arc<LiveCa> {
+        Arc::new(LiveCa(watch::Sender::new(ca)))
+    }
+
+    /// The CA in force.
+    pub fn current(&self) -> Arc<Ca> {
+        self.0.borrow().clone()
+    }
+
+    /// Replaces the CA.
+    pub fn replace(&self, ca: Arc<Ca>) {
+        self.0.send_replace(ca);
+    }
+
+    /// Notified on every replacement.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Ca>> {
+        self.0.subscribe()
+    }
+}
+
+/// The port's serving certificate and client verifier, replaced when the CA changes; each
+/// new handshake uses the current ones.
+#[derive(Debug)]
+pub struct LiveTls {
+    names: Vec<String>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    cert: RwLock<Arc<CertifiedKey>>,
+    verifier: RwLock<Arc<dyn ClientCertVerifier>>,
+}
+
+fn tls_error(e: impl std::fmt::Display) -> ControlPlaneError {
+    ControlPlaneError::Tls(e.to_string())
+}
+
+impl LiveTls {
+    fn parts(
+        ca: &Ca,
+        names: &[String],
+        provider: &Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<(Arc<CertifiedKey>, Arc<dyn ClientCertVerifier>), ControlPlaneError> {
+        let (chain_pem, key_pem) = ca.sign_serving(names, SERVING_CERT_TTL)?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(tls_error)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(tls_error)?;
+        let cert = CertifiedKey::from_der(chain, key, provider).map_err(tls_error)?;
+        let mut roots = RootCertStore::empty();
+        for pem in ca.roots() {
+            for der in CertificateDer::pem_slice_iter(pem.as_bytes()).flatten() {
+                roots.add(der).map_err(tls_error)?;
+            }
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                // Hints could not follow a rotation (they are borrowed); clients send their
+                // one certificate anyway.
+                .clear_root_hint_subjects()
+                .build()
+                .map_err(tls_error)?;
+        Ok((Arc::new(cert), verifier))
+    }
+
+    /// A serving certificate for `names` from `ca`, and a verifier of `ca`'s roots.
+    pub fn new(ca: &Ca, names: &[String]) -> Result<Arc<LiveTls>, ControlPlaneError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (cert, verifier) = Self::parts(ca, names, &provider)?;
+        Ok(Arc::new(LiveTls {
+            names: names.to_vec(),
+            provider,
+            cert: RwLock::new(cert),
+            verifier: RwLock::new(verifier),
+        }))
+    }
+
+    /// Re-issues the serving certificate from `ca` and trusts `ca`'s roots, for new
+    /// connections. On error the current ones stay.
+    pub fn update(&self, ca: &Ca) -> Result<(), ControlPlaneError> {
+        let (cert, verifier) = Self::parts(ca, &self.names, &self.provider)?;
+        *self.cert.write().unwrap_or_else(|e| e.into_inner()) = cert;
+        *self.verifier.write().unwrap_or_else(|e| e.into_inner()) = verifier;
+        Ok(())
+    }
+
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.verifier
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A server config (HTTP/2 and HTTP/1.1) that follows this.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, ControlPlaneError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(tls_error)?
+            .with_client_cert_verifier(self.clone())
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl ResolvesServerCert for LiveTls {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.cert.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+impl ClientCertVerifier for LiveTls {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // The CA is called before the proxy has a certificate.
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
 /// The TLS config of the port: a serving certificate from the CA, client certificates
-/// optional but verified against the trust bundle.
+/// optional but verified against the trust bundle. Fixed: see [`LiveTls`] to follow a
+/// rotation.
 pub fn tls_config(
     ca: &Ca,
     names: &[String],
 ) -> Result<Arc<rustls::ServerConfig>, ControlPlaneError> {
-    let (chain_pem, key_pem) = ca.sign_serving(names, SERVING_CERT_TTL)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
-    let mut roots = RootCertStore::empty();
-    for pem in ca.roots() {
-        for der in CertificateDer::pem_slice_iter(pem.as_bytes()).flatten() {
-            roots
-                .add(der)
-                .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ControlPlaneError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    LiveTls::new(ca, names)?.server_config()
 }
 
 /// Routes shared by both ports: `/metrics` and the debug pages.
@@ -138,13 +288,29 @@ pub fn observability_router(discovery: Arc<Discovery>) -> Router {
         .with_state(discovery)
 }
 
-/// The routes of the port.
+/// The routes of the port, signing with `state.ca` for good.
 pub fn router(state: Arc<ControlPlane>) -> Router {
+    let ca = LiveCa::new(state.ca.clone());
+    router_with(state, ca)
+}
+
+/// What the port's handlers share.
+#[derive(Debug, Clone)]
+struct Port {
+    state: Arc<ControlPlane>,
+    ca: Arc<LiveCa>,
+}
+
+/// The routes of the port, signing with the CA in force in `ca` (`state.ca` is not used).
+pub fn router_with(state: Arc<ControlPlane>, ca: Arc<LiveCa>) -> Router {
     Router::new()
         .route(PATH_CERTIFICATES, post(certificates))
         .route(PATH_DISCOVERY, post(discovery))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(state.clone())
+        .with_state(Port {
+            state: state.clone(),
+            ca,
+        })
         .merge(observability_router(state.discovery.clone()))
 }
 
@@ -189,11 +355,11 @@ async fn proxies(State(d): State<Arc<Discovery>>) -> Response {
 }
 
 async fn discovery(
-    State(state): State<Arc<ControlPlane>>,
+    State(port): State<Port>,
     Extension(peer): Extension<Peer>,
     body: Body,
 ) -> Response {
-    state.discovery.clone().stream(peer, body).await
+    port.state.discovery.clone().stream(peer, body).await
 }
 
 fn token_status(e: &TokenError) -> StatusCode {
@@ -204,18 +370,15 @@ fn token_status(e: &TokenError) -> StatusCode {
     }
 }
 
-async fn certificates(
-    State(state): State<Arc<ControlPlane>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    match tokio::time::timeout(SIGN_TIMEOUT, sign(&state, &headers, &body)).await {
+async fn certificates(State(port): State<Port>, headers: HeaderMap, body: Bytes) -> Response {
+    let ca = port.ca.current();
+    match tokio::time::timeout(SIGN_TIMEOUT, sign(&port.state, &ca, &headers, &body)).await {
         Ok(r) => r,
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "signing timed out"),
     }
 }
 
-async fn sign(state: &ControlPlane, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn sign(state: &ControlPlane, ca: &Ca, headers: &HeaderMap, body: &[u8]) -> Response {
     let refuse = |reason: &str, status: StatusCode, message: String| {
         state.metrics.refused(reason);
         debug!(%status, %message, "certificate request refused");
@@ -265,7 +428,7 @@ async fn sign(state: &ControlPlane, headers: &HeaderMap, body: &[u8]) -> Respons
             );
         }
     };
-    match state.ca.sign_workload(&requester, &request) {
+    match ca.sign_workload(&requester, &request) {
         Ok(resp) => {
             state.metrics.ca_signed.inc();
             info!(namespace = %requester.namespace, service_account = %requester.service_account, pod = requester.pod.as_deref().unwrap_or(""), "workload certificate signed");

@@ -11,6 +11,10 @@
 //!   the user made one, else `weft-ca`), TokenReview, the root published as a ConfigMap in
 //!   every namespace with meshed pods.
 //!
+//! In both, the CA material and the extra roots are read again while running (see
+//! [`crate::control_plane::trust`]): a new root or CA reaches every proxy on its open config
+//! stream, the published root file or ConfigMaps, and the port's own TLS.
+//!
 //! Without either (`--kubernetes false` and no `--local-dir`) only the webhook runs.
 
 use std::future::Future;
@@ -24,8 +28,9 @@ use tracing::{info, warn};
 
 use crate::ca::store::{self as ca_store, StoreError};
 use crate::ca::token::{TokenError, TokenVerifier};
-use crate::ca::{Ca, CaError, CaOptions, Material};
-use crate::control_plane::{self, ControlPlane, ControlPlaneError};
+use crate::ca::{CaError, CaOptions, Material};
+use crate::control_plane::trust::{CaSource, Rotation, TrustError};
+use crate::control_plane::{self, ControlPlane, ControlPlaneError, LiveCa, LiveTls};
 use crate::discovery::{DEBOUNCE, Discovery};
 use crate::mesh::{MeshConfig, MeshError};
 use crate::metrics::Metrics;
@@ -79,7 +84,9 @@ pub struct ServeOptions {
     pub trust_domain: Option<String>,
     /// Namespace of mesh-wide policies.
     pub root_namespace: String,
-    /// Extra trusted roots (PEM files), e.g. the next root during a rotation.
+    /// Extra trusted roots, e.g. the next root during a rotation: PEM files, or directories
+    /// whose `*.pem` / `*.crt` files are each one. Read again while running: a root added or
+    /// removed reaches the proxies without a restart.
     pub extra_roots: Vec<PathBuf>,
     /// Longest workload certificate issued.
     pub max_cert_ttl: Duration,
@@ -161,15 +168,9 @@ pub enum ServeError {
     /// The control-plane port failed.
     #[error(transparent)]
     ControlPlane(#[from] ControlPlaneError),
-    /// An extra root could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The CA material or an extra root could not be read.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
 }
 
 /// Runs the control plane until `shutdown` completes.
@@ -261,7 +262,7 @@ pub async fn run(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Resu
         cluster_supports_native_sidecars: cluster_native,
     });
     let mut router = server::router(state);
-    if let Some((cp, _, _)) = &control {
+    if let Some((cp, _, _, _)) = &control {
         router = router.merge(control_plane::observability_router(cp.discovery.clone()));
     }
     let listener = server::bind(opts.listen).await?;
@@ -271,8 +272,8 @@ pub async fn run(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Resu
         let _ = stop_tx.send(true);
     });
     let result = match control {
-        Some((cp, cp_listener, cp_tls)) => {
-            let cp_router = control_plane::router(cp);
+        Some((cp, live_ca, cp_listener, cp_tls)) => {
+            let cp_router = control_plane::router_with(cp, live_ca);
             let cp_serve =
                 control_plane::serve(cp_listener, cp_tls, cp_router, trust_domain, async move {
                     let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -286,56 +287,52 @@ pub async fn run(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Resu
     result.map_err(ServeError::from)
 }
 
-fn read_file(path: &std::path::Path) -> Result<String, ServeError> {
-    std::fs::read_to_string(path).map_err(|source| ServeError::Read {
-        path: path.display().to_string(),
-        source,
-    })
-}
+/// The control plane, ready to serve: shared state, the CA in force, the port and its TLS.
+type Started = (
+    Arc<ControlPlane>,
+    Arc<LiveCa>,
+    tokio::net::TcpListener,
+    Arc<rustls::ServerConfig>,
+);
 
-/// Loads the CA, starts the sources and discovery, and binds the control-plane port.
+/// Loads the CA, starts the sources, discovery and the root rotation, and binds the
+/// control-plane port.
 async fn start_control_plane(
     opts: &ServeOptions,
     client: Option<&kube::Client>,
     mesh: &MeshConfig,
     trust_domain: &str,
     tasks: &mut JoinSet<()>,
-) -> Result<
-    (
-        Arc<ControlPlane>,
-        tokio::net::TcpListener,
-        Arc<rustls::ServerConfig>,
-    ),
-    ServeError,
-> {
-    let material = match (&opts.ca_dir, client) {
-        (Some(dir), _) => ca_store::load_or_create_dir(dir, trust_domain)?,
-        (None, Some(client)) => {
-            ca_store::load_or_create_secret(client, &opts.namespace, trust_domain).await?
-        }
+) -> Result<Started, ServeError> {
+    let (source, material) = match (&opts.ca_dir, client) {
+        (Some(dir), _) => (
+            CaSource::Dir(dir.clone()),
+            ca_store::load_or_create_dir(dir, trust_domain)?,
+        ),
+        (None, Some(client)) => (
+            CaSource::Secret {
+                client: client.clone(),
+                namespace: opts.namespace.clone(),
+            },
+            ca_store::load_or_create_secret(client, &opts.namespace, trust_domain).await?,
+        ),
         (None, None) => {
             warn!("no --ca-dir: the mesh root lives in memory and changes at every start");
-            Material::generate(trust_domain)?
+            let material = Material::generate(trust_domain)?;
+            (CaSource::Memory(material.clone()), material)
         }
     };
-    let extra_roots = opts
-        .extra_roots
-        .iter()
-        .map(|p| read_file(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ca = Arc::new(Ca::new(
-        &material,
-        &extra_roots,
+    let (rotation, ca) = Rotation::start(
+        source,
+        material,
+        opts.extra_roots.clone(),
         CaOptions {
             trust_domain: trust_domain.to_owned(),
             max_ttl: opts.max_cert_ttl,
             ..CaOptions::default()
         },
-    )?);
+    )?;
     info!(roots = ca.roots().len(), %trust_domain, "mesh ca ready");
-    if let Some(dir) = &opts.ca_dir {
-        ca_store::publish_dir_roots(dir, &ca.roots_pem())?;
-    }
 
     let verifier = match (&opts.token_public_key, client) {
         (Some(path), _) => TokenVerifier::local_from_file(path, &mesh.ca_audience)?,
@@ -352,26 +349,49 @@ async fn start_control_plane(
         protocol_detection_timeout_ms: u64::try_from(mesh.protocol_detection_timeout.as_millis())
             .unwrap_or(u64::MAX),
     });
+    let mut pods_listed = None;
     if let Some(dir) = &opts.local_dir {
         let mut source = LocalSource::new(dir.clone());
+        // Before discovery starts: its first epoch is the directory's content.
         source.sync(&store);
         tasks.spawn(source.run(store.clone()));
     } else if let Some(client) = client {
-        kube_source::spawn_watches(client, &store, tasks);
+        pods_listed = Some(kube_source::spawn_watches(client, &store, tasks));
+    }
+    let metrics = Arc::new(Metrics::default());
+    let discovery = Discovery::new(
+        store.clone(),
+        metrics.clone(),
+        ca.roots().to_vec(),
+        DEBOUNCE,
+    );
+    let (roots_tx, roots_rx) = tokio::sync::watch::channel(ca.roots_pem());
+    if let (Some(client), Some(listed)) = (client, pods_listed) {
+        discovery.require_known_pods(listed);
         tasks.spawn(kube_source::keep_root_config_maps(
             client.clone(),
             store.clone(),
             opts.namespace.clone(),
             mesh.root_cert_config_map.clone(),
-            ca.roots_pem(),
+            roots_rx,
         ));
     }
-    let metrics = Arc::new(Metrics::default());
-    let discovery = Discovery::new(store, metrics.clone(), ca.roots().to_vec(), DEBOUNCE);
     tasks.spawn(discovery.clone().run());
 
     let names = control_plane::serving_names(&opts.service, &opts.namespace, &opts.serving_ips);
-    let tls = control_plane::tls_config(&ca, &names)?;
+    let tls = LiveTls::new(&ca, &names)?;
+    let server_config = tls.server_config()?;
+    let live = LiveCa::new(ca.clone());
+    tasks.spawn(rotation.run(live.clone(), {
+        let discovery = discovery.clone();
+        move |ca| {
+            if let Err(error) = tls.update(ca) {
+                warn!(%error, "cannot re-issue the control plane's serving certificate; keeping the current one");
+            }
+            discovery.set_trust_bundle(ca.roots().to_vec());
+            roots_tx.send_replace(ca.roots_pem());
+        }
+    }));
     let listener = control_plane::bind(opts.control_plane_listen).await?;
     Ok((
         Arc::new(ControlPlane {
@@ -380,7 +400,8 @@ async fn start_control_plane(
             discovery,
             metrics,
         }),
+        live,
         listener,
-        tls,
+        server_config,
     ))
 }

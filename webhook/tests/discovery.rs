@@ -230,3 +230,169 @@ async fn a_slow_proxy_does_not_hold_back_others() {
     }
     h.stop().await;
 }
+
+fn service_object(name: &str, vip: u8) -> weft_webhook::resources::Object {
+    let value = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "genesis"},
+        "spec": {
+            "clusterIP": format!("10.96.1.{vip}"),
+            "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80}],
+        },
+    });
+    weft_webhook::resources::Object::from_value(&value)
+        .expect("a service")
+        .expect("a kind the store keeps")
+}
+
+fn hostnames(m: &weft_api::discovery::DiscoveryResponse) -> Vec<String> {
+    m.snapshot
+        .services
+        .iter()
+        .map(|s| s.hostname.clone())
+        .collect()
+}
+
+fn pushes(h: &Harness) -> u64 {
+    let metrics = h.discovery.metrics().encode();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weft_pushes_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no weft_pushes_total in {metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_is_one_push() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    let mut p = proxy(&h, "genesis", "service-a", "service-a-1").await;
+    assert_eq!(p.status, 200, "{:?}", p.error_body);
+    let first = p.next(WAIT).await.expect("first snapshot");
+    p.ack(&first.version).await;
+    let before = pushes(&h);
+
+    // Twenty changes, one store update each, a millisecond apart: each well inside the
+    // debounce of the one before, while discovery runs beside them (without the debounce it
+    // would push a snapshot with only the first few).
+    const N: usize = 20;
+    for i in 0..N {
+        let object = service_object(&format!("burst-{i}"), i as u8 + 1);
+        h.store.update(|r| {
+            r.upsert(object);
+            true
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The next message holds all of them: nothing was pushed half-way through the burst.
+    let burst = p.next(WAIT).await.expect("snapshot after the burst");
+    let names = hostnames(&burst);
+    for i in 0..N {
+        let host = format!("burst-{i}.genesis.svc.cluster.local");
+        assert!(names.contains(&host), "{host} missing from {names:?}");
+    }
+    p.ack(&burst.version).await;
+
+    // A change after the window: the very next message is that change (no stray push of the
+    // burst in between), and the burst cost one push.
+    h.store.update(|r| {
+        r.upsert(service_object("later", 200));
+        true
+    });
+    let later = p.next(WAIT).await.expect("snapshot after a later change");
+    assert!(
+        hostnames(&later).contains(&"later.genesis.svc.cluster.local".to_owned()),
+        "{:?}",
+        hostnames(&later)
+    );
+    assert!(later.version.parse::<u64>().expect("n") > burst.version.parse::<u64>().expect("n"));
+    p.ack(&later.version).await;
+    assert_eq!(
+        pushes(&h),
+        before + 2,
+        "one push for the burst, one for the later change"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_trust_bundle_reaches_an_open_stream() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    let mut p = proxy(&h, "genesis", "service-a", "service-a-1").await;
+    let first = p.next(WAIT).await.expect("first snapshot");
+    assert_eq!(first.trust_bundle, vec![h.roots_pem.clone()]);
+    p.ack(&first.version).await;
+    let next = weft_webhook::ca::Material::generate("cluster.local").expect("root");
+    h.discovery
+        .set_trust_bundle(vec![h.roots_pem.clone(), next.root_cert.clone()]);
+    let m = p.next(WAIT).await.expect("the new bundle");
+    assert_eq!(m.trust_bundle, vec![h.roots_pem.clone(), next.root_cert]);
+    assert_eq!(
+        m.snapshot.services, first.snapshot.services,
+        "config unchanged"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn kubernetes_mode_admits_only_pods_that_exist() {
+    let h = Harness::start(&[("pods.yaml", PODS)]).await;
+    let (listed_tx, listed) = tokio::sync::watch::channel(false);
+    h.discovery.require_known_pods(listed);
+
+    // A pod that exists, with the certificate's service account; it waits for the listing.
+    let opening = tokio::spawn({
+        let (addr, roots) = (h.addr, h.roots_pem.clone());
+        let (chain, key) = h.workload_cert("genesis", "service-a");
+        async move {
+            let tls = client_tls(&roots, Some((&chain, &key)));
+            ProxyStream::open(addr, tls, node("genesis", "service-a-1")).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    listed_tx.send_replace(true);
+    let mut p = opening.await.expect("join");
+    assert_eq!(p.status, 200, "{:?}", p.error_body);
+    p.next(WAIT).await.expect("snapshot");
+
+    // A pod that does not exist: refused, naming it.
+    let ghost = proxy(&h, "genesis", "service-a", "ghost-1").await;
+    assert_eq!(ghost.status, 403);
+    assert!(
+        ghost
+            .error_body
+            .as_deref()
+            .is_some_and(|b| b.contains("no pod genesis/ghost-1")),
+        "{:?}",
+        ghost.error_body
+    );
+
+    // A pod whose watch event trails its proxy: admitted once it shows up.
+    let late = tokio::spawn({
+        let (addr, roots) = (h.addr, h.roots_pem.clone());
+        let (chain, key) = h.workload_cert("genesis", "service-a");
+        async move {
+            let tls = client_tls(&roots, Some((&chain, &key)));
+            ProxyStream::open(addr, tls, node("genesis", "late-1")).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.write(
+        "late.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: late-1, namespace: genesis, labels: {app: late}}\nspec: {serviceAccountName: service-a, containers: [{name: app, image: x}]}\nstatus: {podIP: 10.44.0.7}\n",
+    );
+    let mut late = late.await.expect("join");
+    assert_eq!(late.status, 200, "{:?}", late.error_body);
+    let snapshot = late.next(WAIT).await.expect("snapshot");
+    assert_eq!(
+        snapshot
+            .snapshot
+            .workload
+            .labels
+            .get("app")
+            .map(String::as_str),
+        Some("late")
+    );
+    h.stop().await;
+}
