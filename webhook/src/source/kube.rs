@@ -59,7 +59,8 @@ pub enum Change {
     /// An object was deleted.
     Remove(ObjectKey),
     /// A (re-)list ended: the kind now holds exactly `keys`. `objects` are those that could
-    /// be read; a listed object that cannot be read keeps the version the store has.
+    /// be read and passed validation; any other listed object keeps the version the store
+    /// has.
     Replace {
         /// Every listed object.
         keys: BTreeSet<ObjectKey>,
@@ -1008,8 +1009,9 @@ mod tests {
         );
         assert_eq!(seen, ["nothing", "nothing", "nothing", "replace"]);
         assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
-        assert!(
-            store.snapshot().configs.len() == 1,
+        assert_eq!(
+            store.snapshot().configs.len(),
+            1,
             "the rejected one is absent"
         );
         let held = screen.held();
