@@ -15,6 +15,14 @@ pub struct RefusalLabels {
     pub reason: String,
 }
 
+/// Which kind of config object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ConfigKindLabels {
+    /// The store's name of the kind, `group/Kind` (`networking.istio.io/VirtualService`):
+    /// the group tells Istio's `Gateway` from the Gateway API's.
+    pub kind: String,
+}
+
 /// Every metric.
 #[derive(Debug)]
 pub struct Metrics {
@@ -35,6 +43,11 @@ pub struct Metrics {
     pub ca_signed: Counter,
     /// Certificate requests refused.
     pub ca_refused: Family<RefusalLabels, Counter>,
+    /// Config objects the validator rejects, held back from proxies now (see
+    /// [`crate::source::screen`]).
+    pub config_rejected: Family<ConfigKindLabels, Gauge>,
+    /// Rejected versions of config objects seen (each one logged once).
+    pub config_rejections: Family<ConfigKindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -48,6 +61,8 @@ impl Default for Metrics {
         let connected_proxies = Gauge::default();
         let ca_signed = Counter::default();
         let ca_refused = Family::<RefusalLabels, Counter>::default();
+        let config_rejected = Family::<ConfigKindLabels, Gauge>::default();
+        let config_rejections = Family::<ConfigKindLabels, Counter>::default();
         registry.register("pushes", "Snapshots sent to proxies", pushes.clone());
         registry.register(
             "push_acks",
@@ -80,6 +95,16 @@ impl Default for Metrics {
             "Certificate requests refused",
             ca_refused.clone(),
         );
+        registry.register(
+            "config_rejected",
+            "Config objects held back because the validator rejects them (their last good version, if any, stays in force)",
+            config_rejected.clone(),
+        );
+        registry.register(
+            "config_rejections",
+            "Rejected versions of config objects seen",
+            config_rejections.clone(),
+        );
         Self {
             registry,
             pushes,
@@ -90,6 +115,8 @@ impl Default for Metrics {
             connected_proxies,
             ca_signed,
             ca_refused,
+            config_rejected,
+            config_rejections,
         }
     }
 }

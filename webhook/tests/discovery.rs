@@ -396,3 +396,111 @@ async fn kubernetes_mode_admits_only_pods_that_exist() {
     );
     h.stop().await;
 }
+
+/// The HTTP routes of service-b in a snapshot.
+fn service_b_routes(
+    m: &weft_api::discovery::DiscoveryResponse,
+) -> Vec<weft_api::config::HttpRoute> {
+    m.snapshot
+        .services
+        .iter()
+        .find(|s| s.hostname == "service-b.genesis.svc.cluster.local")
+        .expect("service-b")
+        .ports[0]
+        .http_routes
+        .clone()
+}
+
+fn first_timeout_ms(routes: &[weft_api::config::HttpRoute]) -> Option<u64> {
+    match &routes.first()?.action {
+        HttpAction::Forward(f) => f.timeout_ms,
+        _ => None,
+    }
+}
+
+/// What a proxy gets must always be something it can apply: a VirtualService that the
+/// validator rejects (here an invalid regex, which a proxy would refuse, and with it the
+/// whole snapshot) is held back, its last good version stays in force, and every other change
+/// keeps reaching the proxy. Once fixed, the fixed version is sent.
+#[tokio::test]
+async fn a_rejected_virtual_service_does_not_stall_other_changes() {
+    const BAD_REGEX: &str = "/api/(";
+    let h = Harness::start(&[("pods.yaml", PODS), ("vs.yaml", VS)]).await;
+    let mut p = proxy(&h, "genesis", "service-a", "service-a-1").await;
+    assert_eq!(p.status, 200, "{:?}", p.error_body);
+    let first = p.next(WAIT).await.expect("first snapshot");
+    let good_routes = service_b_routes(&first);
+    assert_eq!(good_routes.len(), 2);
+    assert_eq!(first_timeout_ms(&good_routes), Some(2000));
+    p.ack(&first.version).await;
+
+    // The VirtualService turns bad (an RE2 syntax error), and a VirtualService that has never
+    // been good appears beside it.
+    let bad = VS
+        .replace(
+            "match: [{headers: {end-user: {exact: jason}}}]",
+            &format!("match: [{{uri: {{regex: '{BAD_REGEX}'}}}}]"),
+        )
+        .replace("timeout: 2s", "timeout: 7s");
+    assert!(bad.contains(BAD_REGEX) && bad.contains("7s"));
+    h.write("vs.yaml", &bad);
+    h.write(
+        "ratings.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: ratings, namespace: genesis}}\nspec:\n  hosts: [ratings]\n  http:\n  - match: [{{uri: {{regex: '{BAD_REGEX}'}}}}]\n    route: [{{destination: {{host: ratings}}}}]\n"
+        ),
+    );
+    assert!(
+        p.next(Duration::from_millis(600)).await.is_none(),
+        "rejected objects change nothing a proxy sees"
+    );
+
+    // Other objects keep changing, and each change reaches the proxy, with service-b still
+    // routed by the last good VirtualService.
+    for (i, vip) in [(1, 21), (2, 22)] {
+        h.write(
+            "service-c.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: service-c, namespace: genesis}}\nspec:\n  clusterIP: 10.96.0.{vip}\n  ports: [{{name: http, port: 8080}}]\n"
+            ),
+        );
+        let m = p
+            .next(WAIT)
+            .await
+            .expect("an update while the bad objects sit there");
+        let c = m
+            .snapshot
+            .services
+            .iter()
+            .find(|s| s.hostname == "service-c.genesis.svc.cluster.local")
+            .unwrap_or_else(|| panic!("update {i}: service-c missing"));
+        assert_eq!(
+            c.vips,
+            [format!("10.96.0.{vip}")
+                .parse::<std::net::IpAddr>()
+                .expect("ip")]
+        );
+        m.snapshot.validate().expect("what is sent is valid");
+        assert_eq!(
+            service_b_routes(&m),
+            good_routes,
+            "the last good version stays"
+        );
+        let json = serde_json::to_string(&m.snapshot).expect("json");
+        assert!(
+            !json.contains(BAD_REGEX),
+            "update {i} carries the bad regex"
+        );
+        p.ack(&m.version).await;
+    }
+
+    // Fixed: the fixed version reaches the proxy.
+    h.write("vs.yaml", &bad.replace(BAD_REGEX, "^/api/.*"));
+    let fixed = p.next(WAIT).await.expect("the fixed VirtualService");
+    let routes = service_b_routes(&fixed);
+    assert_eq!(first_timeout_ms(&routes), Some(7000), "{routes:?}");
+    let json = serde_json::to_string(&routes).expect("json");
+    assert!(json.contains("^/api/.*"), "{json}");
+    p.ack(&fixed.version).await;
+    h.stop().await;
+}

@@ -8,6 +8,10 @@
 //! discovery debounces into pushes. A (re-)list is buffered by the reflector and lands in the
 //! store as one change when it completes, so proxies never see a half-listed kind.
 //!
+//! Every Istio / Gateway API / SMI object goes through the validator first ([`super::screen`]):
+//! one it rejects does not reach the store, where its last good version (if any) stays; the
+//! admission webhook normally stops such objects, but the control plane does not count on it.
+//!
 //! For a custom resource kind, the version watched is the best one the cluster serves among
 //! those Weft reads (`v1`, else `v1beta1`, else `v1alpha3` for Istio networking), found with
 //! kube's discovery API when the watch starts and logged. A kind whose CRD is not installed
@@ -34,7 +38,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_api::crd::{KNOWN_KINDS, KnownKind};
+use weft_api::validate::{Finding, Severity};
 
+use super::screen::{self, Rejected, Screen};
 use crate::ca::store::publish_root_config_map;
 use crate::resources::{Object, ObjectKey, Store, is_meshed, slim_pod};
 
@@ -53,13 +59,26 @@ pub enum Change {
     /// An object was deleted.
     Remove(ObjectKey),
     /// A (re-)list ended: the kind now holds exactly `keys`. `objects` are those that could
-    /// be read; a listed object that cannot be read keeps the version the store has.
+    /// be read and passed validation; any other listed object keeps the version the store
+    /// has.
     Replace {
         /// Every listed object.
         keys: BTreeSet<ObjectKey>,
         /// The listed objects that could be read.
         objects: Vec<Object>,
     },
+}
+
+/// What reading one watched object gives.
+#[derive(Debug)]
+pub enum Read {
+    /// The object, to be used.
+    Use(Object),
+    /// Nothing to use: a kind the store ignores, or an object that cannot be serialised
+    /// (logged).
+    Skip,
+    /// The validator rejects this version: its last good version stays.
+    Rejected(Rejected),
 }
 
 /// A watched type: how it is trimmed before the reflector stores it, and read into an
@@ -70,8 +89,8 @@ pub struct Kind<K> {
     pub kind: Cow<'static, str>,
     /// Drops what translation never reads, so that the reflector's store stays small.
     pub trim: fn(&mut K),
-    /// Reads the object; `None` when it cannot be read (logged).
-    pub read: fn(Arc<K>) -> Option<Object>,
+    /// Reads (and, for config kinds, validates) the object.
+    pub read: fn(Arc<K>) -> Read,
 }
 
 impl<K> Debug for Kind<K> {
@@ -97,8 +116,14 @@ pub fn key_of<K: Resource>(kind: &str, obj: &K) -> ObjectKey {
 }
 
 /// Turns a watch event, already applied to the reflector's store `reader`, into a change of
-/// the shared store.
-pub fn change_of<K>(kind: &Kind<K>, event: Event<K>, reader: &reflector::Store<K>) -> Change
+/// the shared store. Objects the validator rejects are held back in `screen` (their last good
+/// version stays in the store) and released when a valid version arrives or they go away.
+pub fn change_of<K>(
+    kind: &Kind<K>,
+    event: Event<K>,
+    reader: &reflector::Store<K>,
+    screen: &Screen,
+) -> Change
 where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
@@ -107,17 +132,48 @@ where
         Event::Init | Event::InitApply(_) => Change::Nothing,
         Event::InitDone => {
             let listed = reader.state();
-            Change::Replace {
-                keys: listed.iter().map(|o| key_of(&kind.kind, &**o)).collect(),
-                objects: listed.into_iter().filter_map(kind.read).collect(),
+            let keys: BTreeSet<ObjectKey> =
+                listed.iter().map(|o| key_of(&kind.kind, &**o)).collect();
+            let mut objects = Vec::with_capacity(listed.len());
+            for obj in listed {
+                let key = key_of(&kind.kind, &*obj);
+                match (kind.read)(obj) {
+                    Read::Use(o) => {
+                        screen.release(&key, true);
+                        objects.push(o);
+                    }
+                    Read::Skip => {}
+                    Read::Rejected(rejected) => screen.hold(&key, rejected),
+                }
+            }
+            // Held objects deleted during a watch gap.
+            for key in screen.held_keys() {
+                if key.kind == kind.kind && !keys.contains(&key) {
+                    screen.release(&key, false);
+                }
+            }
+            Change::Replace { keys, objects }
+        }
+        Event::Apply(obj) => {
+            let key = key_of(&kind.kind, &obj);
+            match (kind.read)(Arc::new(obj)) {
+                Read::Use(o) => {
+                    screen.release(&key, true);
+                    Change::Upsert(o)
+                }
+                // Its last good version stays.
+                Read::Skip => Change::Nothing,
+                Read::Rejected(rejected) => {
+                    screen.hold(&key, rejected);
+                    Change::Nothing
+                }
             }
         }
-        Event::Apply(obj) => match (kind.read)(Arc::new(obj)) {
-            Some(o) => Change::Upsert(o),
-            // Its last good version stays.
-            None => Change::Nothing,
-        },
-        Event::Delete(obj) => Change::Remove(key_of(&kind.kind, &obj)),
+        Event::Delete(obj) => {
+            let key = key_of(&kind.kind, &obj);
+            screen.release(&key, false);
+            Change::Remove(key)
+        }
     }
 }
 
@@ -166,6 +222,7 @@ async fn reflect<K>(
     writer: Writer<K>,
     kind: Kind<K>,
     store: Arc<Store>,
+    screen: &Screen,
     listed: Option<watch::Sender<bool>>,
     stop_if_not_served: bool,
 ) -> Stopped
@@ -186,7 +243,7 @@ where
         match event {
             Ok(event) => {
                 let done = matches!(event, Event::InitDone);
-                apply(&store, &kind.kind, change_of(&kind, event, &reader));
+                apply(&store, &kind.kind, change_of(&kind, event, &reader, screen));
                 if done {
                     if let Some(listed) = &listed {
                         listed.send_replace(true);
@@ -215,13 +272,23 @@ async fn reflect_typed<K>(
     client: kube::Client,
     kind: Kind<K>,
     store: Arc<Store>,
+    screen: Screen,
     listed: Option<watch::Sender<bool>>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
 {
     let (_, writer) = reflector::store::<K>();
-    reflect(Api::all(client), writer, kind, store, listed, false).await;
+    reflect(
+        Api::all(client),
+        writer,
+        kind,
+        store,
+        &screen,
+        listed,
+        false,
+    )
+    .await;
 }
 
 fn trim_namespace(n: &mut Namespace) {
@@ -251,43 +318,61 @@ fn trim_dynamic(o: &mut DynamicObject) {
 pub const NAMESPACES: Kind<Namespace> = Kind {
     kind: Cow::Borrowed("Namespace"),
     trim: trim_namespace,
-    read: |n| Some(Object::Namespace(n)),
+    read: |n| Read::Use(Object::Namespace(n)),
 };
 /// Services.
 pub const SERVICES: Kind<Service> = Kind {
     kind: Cow::Borrowed("Service"),
     trim: trim_service,
-    read: |s| Some(Object::Service(s)),
+    read: |s| Read::Use(Object::Service(s)),
 };
 /// Pods (slimmed before they are stored, see [`slim_pod`]).
 pub const PODS: Kind<Pod> = Kind {
     kind: Cow::Borrowed("Pod"),
     trim: trim_pod,
-    read: |p| Some(Object::Pod(p)),
+    read: |p| Read::Use(Object::Pod(p)),
 };
 /// EndpointSlices.
 pub const ENDPOINT_SLICES: Kind<EndpointSlice> = Kind {
     kind: Cow::Borrowed("EndpointSlice"),
     trim: trim_endpoint_slice,
-    read: |e| Some(Object::EndpointSlice(e)),
+    read: |e| Read::Use(Object::EndpointSlice(e)),
 };
 
-fn read_dynamic(obj: Arc<DynamicObject>) -> Option<Object> {
+/// Validates, then reads, an Istio / Gateway API / SMI object.
+fn read_dynamic(obj: Arc<DynamicObject>) -> Read {
     let value = match serde_json::to_value(&*obj) {
         Ok(v) => v,
         Err(error) => {
             warn!(%error, "object cannot be serialised; ignored");
-            return None;
+            return Read::Skip;
         }
     };
+    if let Err(rejected) = screen::check(&value) {
+        return Read::Rejected(rejected);
+    }
     match Object::from_value(&value) {
-        Ok(o) => o,
-        Err(error) => {
-            let name = obj.metadata.name.as_deref().unwrap_or_default();
-            let namespace = obj.metadata.namespace.as_deref().unwrap_or_default();
-            warn!(%namespace, %name, %error, "object cannot be read; keeping its last good version");
-            None
-        }
+        Ok(Some(o)) => Read::Use(o),
+        Ok(None) => Read::Skip,
+        // The validator reads the object the same way, so this is not expected; should it
+        // happen, the object is held back like any other rejected one.
+        Err(error) => Read::Rejected(Rejected {
+            content: screen::content_hash(&value),
+            findings: vec![Finding {
+                object: format!(
+                    "{}/{}/{}",
+                    obj.types
+                        .as_ref()
+                        .map(|t| t.kind.as_str())
+                        .unwrap_or_default(),
+                    obj.metadata.namespace.as_deref().unwrap_or_default(),
+                    obj.metadata.name.as_deref().unwrap_or_default()
+                ),
+                field: String::new(),
+                message: format!("cannot be read: {error}"),
+                severity: Severity::Error,
+            }],
+        }),
     }
 }
 
@@ -342,7 +427,12 @@ async fn served_versions(
 
 /// Watches one custom resource kind, at the version the cluster serves, for as long as the
 /// task runs.
-async fn reflect_crd(client: kube::Client, known: &'static KnownKind, store: Arc<Store>) {
+async fn reflect_crd(
+    client: kube::Client,
+    known: &'static KnownKind,
+    store: Arc<Store>,
+    screen: Screen,
+) {
     let kind = dynamic_kind(known);
     let mut reported = false;
     // Whether the store may hold objects of the kind (from an earlier watch).
@@ -371,6 +461,11 @@ async fn reflect_crd(client: kube::Client, known: &'static KnownKind, store: Arc
             }
             if std::mem::take(&mut held) {
                 // The CRD went away, and its objects with it.
+                for key in screen.held_keys() {
+                    if key.kind == kind.kind {
+                        screen.release(&key, false);
+                    }
+                }
                 apply(
                     &store,
                     &kind.kind,
@@ -388,7 +483,17 @@ async fn reflect_crd(client: kube::Client, known: &'static KnownKind, store: Arc
         info!(kind = %kind.kind, version = %resource.version, "watching");
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
         let writer = Writer::new(resource.clone());
-        match reflect(api, writer, kind.clone(), store.clone(), None, true).await {
+        match reflect(
+            api,
+            writer,
+            kind.clone(),
+            store.clone(),
+            &screen,
+            None,
+            true,
+        )
+        .await
+        {
             Stopped::NotServed => {
                 info!(kind = %kind.kind, version = %resource.version, "no longer served; looking again");
             }
@@ -399,10 +504,22 @@ async fn reflect_crd(client: kube::Client, known: &'static KnownKind, store: Arc
 
 /// Starts every watch on `client`; they run until aborted. The returned receiver turns true
 /// once every pod has been listed into the store (see
-/// [`crate::discovery::Discovery::require_known_pods`]).
+/// [`crate::discovery::Discovery::require_known_pods`]). Rejected objects are logged but
+/// counted in no exported metric: [`spawn_screened_watches`] takes the screen that does.
 pub fn spawn_watches(
     client: &kube::Client,
     store: &Arc<Store>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> watch::Receiver<bool> {
+    spawn_screened_watches(client, store, &Screen::default(), tasks)
+}
+
+/// [`spawn_watches`], holding rejected objects in `screen` (made with [`Screen::new`] to count
+/// them in the control plane's metrics).
+pub fn spawn_screened_watches(
+    client: &kube::Client,
+    store: &Arc<Store>,
+    screen: &Screen,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> watch::Receiver<bool> {
     let (pods_listed, listed) = watch::channel(false);
@@ -410,23 +527,37 @@ pub fn spawn_watches(
         client.clone(),
         NAMESPACES,
         store.clone(),
+        screen.clone(),
         None,
     ));
-    tasks.spawn(reflect_typed(client.clone(), SERVICES, store.clone(), None));
+    tasks.spawn(reflect_typed(
+        client.clone(),
+        SERVICES,
+        store.clone(),
+        screen.clone(),
+        None,
+    ));
     tasks.spawn(reflect_typed(
         client.clone(),
         PODS,
         store.clone(),
+        screen.clone(),
         Some(pods_listed),
     ));
     tasks.spawn(reflect_typed(
         client.clone(),
         ENDPOINT_SLICES,
         store.clone(),
+        screen.clone(),
         None,
     ));
     for known in KNOWN_KINDS {
-        tasks.spawn(reflect_crd(client.clone(), known, store.clone()));
+        tasks.spawn(reflect_crd(
+            client.clone(),
+            known,
+            store.clone(),
+            screen.clone(),
+        ));
     }
     listed
 }
@@ -490,6 +621,7 @@ mod tests {
     use kube::runtime::reflector::store;
 
     use super::*;
+    use crate::metrics::Metrics;
     use crate::resources::Settings;
 
     fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
@@ -621,13 +753,28 @@ mod tests {
         K: Resource + Clone + 'static,
         K::DynamicType: Eq + Hash + Clone,
     {
+        feed_screened(kind, writer, reader, store, &Screen::default(), events)
+    }
+
+    fn feed_screened<K>(
+        kind: &Kind<K>,
+        writer: &mut Writer<K>,
+        reader: &reflector::Store<K>,
+        store: &Store,
+        screen: &Screen,
+        events: Vec<Event<K>>,
+    ) -> Vec<&'static str>
+    where
+        K: Resource + Clone + 'static,
+        K::DynamicType: Eq + Hash + Clone,
+    {
         let mut seen = Vec::new();
         for mut event in events {
             if let Event::Apply(o) | Event::InitApply(o) | Event::Delete(o) = &mut event {
                 (kind.trim)(o);
             }
             writer.apply_watcher_event(&event);
-            let change = change_of(kind, event, reader);
+            let change = change_of(kind, event, reader, screen);
             seen.push(match &change {
                 Change::Nothing => "nothing",
                 Change::Upsert(_) => "upsert",
@@ -746,7 +893,7 @@ mod tests {
         let reader = writer.as_reader();
         let kind = dynamic_kind(known("networking.istio.io", "VirtualService"));
         let store = Store::new(Settings::default());
-        let good = virtual_service("reviews", serde_json::json!({"hosts": ["reviews"]}));
+        let good = routed("reviews", "^/v1/.*");
         let bad = virtual_service("reviews", serde_json::json!({"hosts": "not a list"}));
         feed(
             &kind,
@@ -787,6 +934,192 @@ mod tests {
         assert!(store.snapshot().configs.is_empty());
     }
 
+    /// A VirtualService routing `/v1/…` (matched by `regex`) to `reviews`.
+    fn routed(name: &str, regex: &str) -> DynamicObject {
+        virtual_service(
+            name,
+            serde_json::json!({
+                "hosts": [name],
+                "http": [{
+                    "match": [{"uri": {"regex": regex}}],
+                    "route": [{"destination": {"host": name}}],
+                }],
+            }),
+        )
+    }
+
+    /// The regex of the first match of the stored VirtualService `name`.
+    fn stored_regex(store: &Store, name: &str) -> Option<String> {
+        let r = store.snapshot();
+        let entry = r.configs.get(&(
+            "networking.istio.io/VirtualService".to_owned(),
+            "shop".to_owned(),
+            name.to_owned(),
+        ))?;
+        let weft_api::crd::AnyResource::VirtualService(vs) = &*entry.resource else {
+            panic!("a VirtualService")
+        };
+        let value = serde_json::to_value(&vs.spec).expect("serialisable");
+        value["http"][0]["match"][0]["uri"]["regex"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    fn metric(metrics: &Metrics, name: &str) -> String {
+        let prefix = format!("{name}{{kind=\"networking.istio.io/VirtualService\"}} ");
+        let text = metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+    }
+
+    #[test]
+    fn rejected_objects_are_held_back_with_their_last_good_version() {
+        let ar = resource(
+            "networking.istio.io",
+            "v1",
+            "VirtualService",
+            "virtualservices",
+        );
+        let mut writer = Writer::<DynamicObject>::new(ar);
+        let reader = writer.as_reader();
+        let kind = dynamic_kind(known("networking.istio.io", "VirtualService"));
+        let store = Store::new(Settings::default());
+        let metrics = Metrics::default();
+        let screen = Screen::new(&metrics);
+        let key = |name: &str| ObjectKey {
+            kind: kind.kind.to_string(),
+            namespace: "shop".into(),
+            name: name.into(),
+        };
+
+        // The first list: one good object, one the validator rejects (no earlier version).
+        let seen = feed_screened(
+            &kind,
+            &mut writer,
+            &reader,
+            &store,
+            &screen,
+            vec![
+                Event::Init,
+                Event::InitApply(routed("reviews", "^/v1/.*")),
+                Event::InitApply(routed("ratings", "/v1/(")),
+                Event::InitDone,
+            ],
+        );
+        assert_eq!(seen, ["nothing", "nothing", "nothing", "replace"]);
+        assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
+        assert_eq!(
+            store.snapshot().configs.len(),
+            1,
+            "the rejected one is absent"
+        );
+        let held = screen.held();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].0, key("ratings"));
+        assert!(
+            held[0]
+                .1
+                .iter()
+                .any(|f| f.field == "spec.http[0].match[0].uri.regex"),
+            "{held:?}"
+        );
+        assert_eq!(metric(&metrics, "weft_config_rejected"), "1");
+
+        // A bad update of the good one: nothing changes, the good version stays in force.
+        let generation = store.generation();
+        let seen = feed_screened(
+            &kind,
+            &mut writer,
+            &reader,
+            &store,
+            &screen,
+            vec![Event::Apply(routed("reviews", "^/v2/[a-"))],
+        );
+        assert_eq!(seen, ["nothing"]);
+        assert_eq!(store.generation(), generation, "no change reaches proxies");
+        assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
+        assert_eq!(metric(&metrics, "weft_config_rejected"), "2");
+        assert_eq!(metric(&metrics, "weft_config_rejections_total"), "2");
+
+        // A re-list sees both bad versions again: still held, not reported again, and the
+        // last good version survives the replace.
+        feed_screened(
+            &kind,
+            &mut writer,
+            &reader,
+            &store,
+            &screen,
+            vec![
+                Event::Init,
+                Event::InitApply(routed("reviews", "^/v2/[a-")),
+                Event::InitApply(routed("ratings", "/v1/(")),
+                Event::InitDone,
+            ],
+        );
+        assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
+        assert_eq!(stored_regex(&store, "ratings"), None);
+        assert_eq!(metric(&metrics, "weft_config_rejected"), "2");
+        assert_eq!(metric(&metrics, "weft_config_rejections_total"), "2");
+
+        // Fixed: the fixed version is used and the hold lifted.
+        let seen = feed_screened(
+            &kind,
+            &mut writer,
+            &reader,
+            &store,
+            &screen,
+            vec![Event::Apply(routed("ratings", "^/v1/(a|b)$"))],
+        );
+        assert_eq!(seen, ["upsert"]);
+        assert_eq!(
+            stored_regex(&store, "ratings").as_deref(),
+            Some("^/v1/(a|b)$")
+        );
+        assert_eq!(screen.held_keys(), vec![key("reviews")]);
+        assert_eq!(metric(&metrics, "weft_config_rejected"), "1");
+
+        // Deleting the held one removes it and its hold.
+        let seen = feed_screened(
+            &kind,
+            &mut writer,
+            &reader,
+            &store,
+            &screen,
+            vec![Event::Delete(routed("reviews", "^/v2/[a-"))],
+        );
+        assert_eq!(seen, ["remove"]);
+        assert_eq!(stored_regex(&store, "reviews"), None);
+        assert!(screen.held_keys().is_empty());
+        assert_eq!(metric(&metrics, "weft_config_rejected"), "0");
+
+        // A held object deleted during a watch gap: the re-list lifts its hold.
+        feed_screened(
+            &kind,
+            &mut writer,
+            &reader,
+            &store,
+            &screen,
+            vec![Event::Apply(routed("details", "("))],
+        );
+        assert_eq!(screen.held_keys(), vec![key("details")]);
+        feed_screened(
+            &kind,
+            &mut writer,
+            &reader,
+            &store,
+            &screen,
+            vec![
+                Event::Init,
+                Event::InitApply(routed("ratings", "^/v1/(a|b)$")),
+                Event::InitDone,
+            ],
+        );
+        assert!(screen.held_keys().is_empty());
+        assert_eq!(metric(&metrics, "weft_config_rejected"), "0");
+        assert_eq!(metric(&metrics, "weft_config_rejections_total"), "3");
+    }
+
     #[test]
     fn keys_follow_the_store() {
         let ns = Namespace {
@@ -802,8 +1135,10 @@ mod tests {
         );
         let p = pod("a", "cart");
         assert_eq!(key_of("Pod", &p), Object::pod(p.clone()).key());
-        let vs = virtual_service("reviews", serde_json::json!({"hosts": ["reviews"]}));
-        let read = read_dynamic(Arc::new(vs.clone())).expect("readable");
+        let vs = routed("reviews", "^/v1/.*");
+        let Read::Use(read) = read_dynamic(Arc::new(vs.clone())) else {
+            panic!("readable")
+        };
         let kind = dynamic_kind(known("networking.istio.io", "VirtualService"));
         assert_eq!(key_of(&kind.kind, &vs), read.key());
     }
