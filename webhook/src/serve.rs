@@ -40,6 +40,7 @@ use crate::server::{self, AppState, ServerError};
 use crate::serving_cert::{self, CertError, ServingCert};
 use crate::source::kube as kube_source;
 use crate::source::local::LocalSource;
+use crate::source::screen::Screen;
 
 /// How often the webhook configurations' caBundle is checked.
 pub const CA_BUNDLE_RECHECK: Duration = Duration::from_secs(60);
@@ -349,16 +350,19 @@ async fn start_control_plane(
         protocol_detection_timeout_ms: u64::try_from(mesh.protocol_detection_timeout.as_millis())
             .unwrap_or(u64::MAX),
     });
+    let metrics = Arc::new(Metrics::default());
+    // Objects the validator refuses are held back (their last good version stays) and
+    // counted in `weft_config_rejected`.
+    let screen = Screen::new(&metrics);
     let mut pods_listed = None;
     if let Some(dir) = &opts.local_dir {
-        let mut source = LocalSource::new(dir.clone());
+        let mut source = LocalSource::new(dir.clone()).with_screen(screen);
         // Before discovery starts: its first epoch is the directory's content.
         source.sync(&store);
         tasks.spawn(source.run(store.clone()));
     } else if let Some(client) = client {
-        pods_listed = Some(kube_source::spawn_watches(client, &store, tasks));
+        pods_listed = Some(kube_source::spawn_watches(client, &store, &screen, tasks));
     }
-    let metrics = Arc::new(Metrics::default());
     let discovery = Discovery::new(
         store.clone(),
         metrics.clone(),

@@ -33,6 +33,7 @@ use crate::discovery::Discovery;
 use crate::metrics::Metrics;
 use crate::resources::{Settings, Store};
 use crate::source::local::LocalSource;
+use crate::source::screen::Screen;
 
 /// Signs tokens the way the local node does (ES256, Kubernetes service-account claims).
 pub struct TokenSigner {
@@ -146,9 +147,9 @@ impl Harness {
         let verifier =
             TokenVerifier::local_from_pem(signer.public_key_pem().as_bytes(), "weft-ca").unwrap();
         let store = Store::new(Settings::default());
-        let mut source = LocalSource::new(config);
-        source.sync(&store);
         let metrics = Arc::new(Metrics::default());
+        let mut source = LocalSource::new(config).with_screen(Screen::new(&metrics));
+        source.sync(&store);
         let discovery = Discovery::new(
             store.clone(),
             metrics.clone(),

@@ -454,6 +454,17 @@ async fn a_rejected_virtual_service_does_not_stall_other_changes() {
         p.next(Duration::from_millis(600)).await.is_none(),
         "rejected objects change nothing a proxy sees"
     );
+    let held = |h: &Harness| {
+        let text = h.discovery.metrics().encode();
+        text.lines()
+            .find(|l| {
+                l.starts_with("weft_config_rejected{")
+                    && l.contains("kind=\"networking.istio.io/VirtualService\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no weft_config_rejected for VirtualServices:\n{text}"))
+    };
+    assert_eq!(held(&h), 2.0, "both bad VirtualServices are held back");
 
     // Other objects keep changing, and each change reaches the proxy, with service-b still
     // routed by the last good VirtualService.
@@ -501,6 +512,11 @@ async fn a_rejected_virtual_service_does_not_stall_other_changes() {
     assert_eq!(first_timeout_ms(&routes), Some(7000), "{routes:?}");
     let json = serde_json::to_string(&routes).expect("json");
     assert!(json.contains("^/api/.*"), "{json}");
+    assert_eq!(
+        held(&h),
+        1.0,
+        "only the ratings VirtualService is still held back"
+    );
     p.ack(&fixed.version).await;
     h.stop().await;
 }

@@ -502,21 +502,11 @@ async fn reflect_crd(
     }
 }
 
-/// Starts every watch on `client`; they run until aborted. The returned receiver turns true
-/// once every pod has been listed into the store (see
-/// [`crate::discovery::Discovery::require_known_pods`]). Rejected objects are logged but
-/// counted in no exported metric: [`spawn_screened_watches`] takes the screen that does.
+/// Starts every watch on `client`; they run until aborted. Objects the validator refuses are
+/// held back in `screen` (made with [`Screen::new`] to count them in the control plane's
+/// metrics). The returned receiver turns true once every pod has been listed into the store
+/// (see [`crate::discovery::Discovery::require_known_pods`]).
 pub fn spawn_watches(
-    client: &kube::Client,
-    store: &Arc<Store>,
-    tasks: &mut tokio::task::JoinSet<()>,
-) -> watch::Receiver<bool> {
-    spawn_screened_watches(client, store, &Screen::default(), tasks)
-}
-
-/// [`spawn_watches`], holding rejected objects in `screen` (made with [`Screen::new`] to count
-/// them in the control plane's metrics).
-pub fn spawn_screened_watches(
     client: &kube::Client,
     store: &Arc<Store>,
     screen: &Screen,
