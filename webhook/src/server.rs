@@ -77,7 +77,10 @@ pub enum BodyError {
         limit: usize,
     },
     /// The client ended the body before its `content-length` (or the stream broke).
-    #[error("request body is truncated: {received} of {} bytes arrived before the client stopped sending ({reason})", expected_text(*.expected))]
+    #[error(
+        "request body is truncated: {} arrived before the client stopped sending ({reason})",
+        amount(*.received, *.expected)
+    )]
     Truncated {
         /// Bytes read.
         received: usize,
@@ -87,7 +90,10 @@ pub enum BodyError {
         reason: String,
     },
     /// The body did not arrive in full in time.
-    #[error("request body not complete within {timeout:?}: {received} of {} bytes arrived", expected_text(*.expected))]
+    #[error(
+        "request body not complete within {timeout:?}: {} arrived",
+        amount(*.received, *.expected)
+    )]
     Timeout {
         /// [`Limits::request_timeout`].
         timeout: Duration,
@@ -98,8 +104,12 @@ pub enum BodyError {
     },
 }
 
-fn expected_text(expected: Option<u64>) -> String {
-    expected.map_or_else(|| "an unannounced number of".to_owned(), |n| n.to_string())
+/// `10 of 1000 bytes`, or `10 bytes` for a body of unannounced length.
+fn amount(received: usize, expected: Option<u64>) -> String {
+    match expected {
+        Some(n) => format!("{received} of {n} bytes"),
+        None => format!("{received} bytes"),
+    }
 }
 
 /// What the handlers share.
