@@ -1,7 +1,12 @@
 //! The proxy's own HTTP surfaces: admin (127.0.0.1:15000), readiness (15021), Prometheus
 //! (15090) and status (15020: app probes, metrics, `/quitquitquit`).
+//!
+//! The status port listens on every address and is not behind mTLS (the kubelet probes it), so
+//! `POST /quitquitquit` is accepted only from loopback, that is from the pod itself, as Istio
+//! does; anyone else gets 403.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -37,7 +42,7 @@ pub enum Surface {
 /// the proxy go unready while it drains).
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, surface: Surface) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(error) => {
                 warn!(%error, ?surface, "accept failed");
@@ -49,7 +54,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, surface: Surface) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(route(&proxy, surface, req).await) }
+                async move { Ok::<_, Infallible>(route(&proxy, surface, peer, req).await) }
             });
             if let Err(error) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -85,7 +90,18 @@ fn json(value: &serde_json::Value) -> Response<Body> {
     r
 }
 
-async fn route(proxy: &Proxy, surface: Surface, req: Request<Incoming>) -> Response<Body> {
+/// Whether `peer` may make the proxy exit: only a process of the pod itself, over loopback.
+/// (An IPv4-mapped IPv6 peer counts by its IPv4 address.)
+pub fn may_quit(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+async fn route(
+    proxy: &Proxy,
+    surface: Surface,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path();
     let method = req.method();
     let allowed = match surface {
@@ -143,8 +159,19 @@ async fn route(proxy: &Proxy, surface: Surface, req: Request<Incoming>) -> Respo
             );
             r
         }
+        (&Method::POST, PATH_QUIT) if !may_quit(peer) => {
+            warn!(%peer, "quitquitquit refused: not from loopback");
+            text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "POST {PATH_QUIT} is accepted only from localhost (a container of this pod); \
+                     {} is not a loopback address\n",
+                    peer.ip()
+                ),
+            )
+        }
         (&Method::POST, PATH_QUIT) => {
-            info!("quitquitquit: the app containers are done, exiting");
+            info!(%peer, "quitquitquit: the app containers are done, exiting");
             proxy.quit.notify_one();
             text(StatusCode::OK, "exiting\n")
         }
@@ -188,5 +215,124 @@ async fn app_health(proxy: &Proxy, path: &str) -> Response<Body> {
             debug!(path, target = ?probe::target(probe), %error, "app probe failed");
             text(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::process::Command;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+
+    use super::*;
+    use crate::config::Settings;
+
+    /// An address that is not loopback, added to `lo` of the test's own network namespace
+    /// (TEST-NET-1, never routed anywhere).
+    const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+    #[test]
+    fn only_loopback_peers_may_quit() {
+        let at = |ip: std::net::IpAddr| SocketAddr::new(ip, 40000);
+        assert!(may_quit(at(Ipv4Addr::LOCALHOST.into())));
+        assert!(may_quit(at(Ipv4Addr::new(127, 0, 0, 2).into())));
+        assert!(may_quit(at(Ipv6Addr::LOCALHOST.into())));
+        // A dual-stack listener reports IPv4 peers as IPv4-mapped IPv6 addresses.
+        assert!(may_quit(at(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into())));
+        assert!(!may_quit(at(OUTSIDE.into())));
+        assert!(!may_quit(at(OUTSIDE.to_ipv6_mapped().into())));
+        assert!(!may_quit(at(Ipv4Addr::UNSPECIFIED.into())));
+        assert!(!may_quit(at("fd00::1".parse().expect("ip"))));
+    }
+
+    fn ip(args: &[&str]) {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("ip {args:?}: {e} (iproute2 is needed)"));
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `POST /quitquitquit` from `from` to the status server at `to`: (status line, body).
+    async fn post_quit(from: Ipv4Addr, to: SocketAddr) -> String {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(from.into(), 0))
+            .expect("bind client");
+        let mut stream = socket.connect(to).await.expect("connect");
+        stream
+            .write_all(
+                b"POST /quitquitquit HTTP/1.1\r\nhost: pod\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("the status server answers")
+            .expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// The real status server, listening on every address as in a pod, called over real TCP
+    /// from a non-loopback source address and from loopback. Runs in a network namespace of
+    /// its own thread so that the other address exists without touching the machine.
+    #[test]
+    fn quitquitquit_is_refused_from_outside_the_pod() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect(
+                "unshare(CLONE_NEWNET): this test makes a network namespace and needs root, \
+                 as the project's tests do",
+            );
+            ip(&["link", "set", "lo", "up"]);
+            ip(&["addr", "add", &format!("{OUTSIDE}/32"), "dev", "lo"]);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let settings = Settings::from_source(None, |_| None).expect("settings");
+                let proxy = Proxy::new(settings);
+                let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .await
+                    .expect("bind status");
+                let port = listener.local_addr().expect("addr").port();
+                tokio::spawn(serve(proxy.clone(), listener, Surface::Status));
+
+                let refused = post_quit(OUTSIDE, SocketAddr::from((OUTSIDE, port))).await;
+                assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+                assert!(
+                    refused.contains("accepted only from localhost")
+                        && refused.contains("192.0.2.1 is not a loopback address"),
+                    "{refused}"
+                );
+                // The refusal did not leave a quit request behind.
+                assert!(
+                    tokio::time::timeout(Duration::from_millis(200), proxy.quit.notified())
+                        .await
+                        .is_err(),
+                    "a refused quitquitquit must not stop the proxy"
+                );
+
+                let accepted = post_quit(
+                    Ipv4Addr::LOCALHOST,
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                )
+                .await;
+                assert!(accepted.starts_with("HTTP/1.1 200"), "{accepted}");
+                tokio::time::timeout(Duration::from_secs(5), proxy.quit.notified())
+                    .await
+                    .expect("quitquitquit from loopback asks the proxy to exit");
+            });
+        })
+        .join()
+        .expect("test thread");
     }
 }

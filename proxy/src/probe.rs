@@ -323,7 +323,111 @@ mod tests {
         };
         assert!(check(&probe).await.is_ok());
         drop(l);
-        assert!(check(&probe).await.is_err());
+        let (port, _reserved) = closed_port();
+        let probe = AppProbe {
+            tcp_socket: Some(TcpProbe { port }),
+            ..Default::default()
+        };
+        let e = check(&probe).await.expect_err("nothing listens");
+        assert!(e.contains(&format!("tcp connect to port {port}")), "{e}");
+    }
+
+    /// A port on which nothing listens, on 127.0.0.1 and [::1] (the probes try both), held by
+    /// bound sockets that do not listen so that no other process on the machine takes it
+    /// while the test runs.
+    fn closed_port() -> (u16, Vec<socket2::Socket>) {
+        use socket2::{Domain, Socket, Type};
+        loop {
+            let v4 = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            v4.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+                .expect("bind");
+            let port = v4
+                .local_addr()
+                .expect("addr")
+                .as_socket()
+                .expect("inet")
+                .port();
+            let v6 = Socket::new(Domain::IPV6, Type::STREAM, None).expect("socket");
+            v6.set_only_v6(true).expect("v6only");
+            let addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+            match v6.bind(&addr.into()) {
+                Ok(()) => return (port, vec![v4, v6]),
+                // No IPv6 loopback here: nothing can listen there either.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    return (port, vec![v4]);
+                }
+                // Taken on [::1] by someone else: another port.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// A real `grpc.health.v1.Health` server (tonic-health) on 127.0.0.1: the empty service
+    /// name reports `overall`, `weft.Named` reports `named`.
+    async fn health_server(
+        overall: tonic_health::ServingStatus,
+        named: tonic_health::ServingStatus,
+    ) -> u16 {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter.set_service_status("", overall).await;
+        reporter.set_service_status("weft.Named", named).await;
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            // The reporter lives as long as the server, or the statuses would be dropped.
+            let _reporter = reporter;
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l))
+                .await
+                .expect("grpc health server");
+        });
+        port
+    }
+
+    fn grpc(port: u16, service: Option<&str>) -> AppProbe {
+        AppProbe {
+            grpc: Some(GrpcProbe {
+                port,
+                service: service.map(str::to_owned),
+            }),
+            timeout_seconds: Some(5),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_probe_asks_a_real_health_server() {
+        use tonic_health::ServingStatus::{NotServing, Serving};
+
+        let port = health_server(Serving, NotServing).await;
+        check(&grpc(port, None))
+            .await
+            .expect("SERVING passes the probe");
+        let e = check(&grpc(port, Some("weft.Named")))
+            .await
+            .expect_err("NOT_SERVING fails the probe");
+        assert!(e.contains("not SERVING"), "{e}");
+        let e = check(&grpc(port, Some("weft.Unknown")))
+            .await
+            .expect_err("an unknown service fails the probe");
+        assert!(e.contains("grpc-status"), "{e}");
+
+        let port = health_server(NotServing, Serving).await;
+        let e = check(&grpc(port, None))
+            .await
+            .expect_err("NOT_SERVING fails the probe");
+        assert!(e.contains("not SERVING"), "{e}");
+        check(&grpc(port, Some("weft.Named")))
+            .await
+            .expect("the named service is SERVING");
+
+        // Nothing listening.
+        let (closed, _reserved) = closed_port();
+        let e = check(&grpc(closed, None))
+            .await
+            .expect_err("no server fails the probe");
+        assert!(e.contains(&format!("connect to port {closed}")), "{e}");
     }
 
     #[test]

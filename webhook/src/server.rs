@@ -1,9 +1,10 @@
 //! The HTTPS server: axum routes around [`crate::admission`], served over rustls.
 //!
-//! Routes: `POST /inject`, `POST /validate`, `GET /healthz`. Bodies over [`MAX_BODY_BYTES`] get
-//! 413, bodies that are not an AdmissionReview 400, both with a message; a request not complete
-//! within [`REQUEST_TIMEOUT`] gets 408 and its connection is closed, as does a connection that
-//! does not finish its TLS handshake or send its headers in time.
+//! Routes: `POST /inject`, `POST /validate`, `GET /healthz`. A request body that cannot be read
+//! in full gets 400 with a message saying what was wrong: larger than [`MAX_BODY_BYTES`]
+//! (declared or sent), cut short by the client (fewer bytes than its `content-length`), or not
+//! complete within [`REQUEST_TIMEOUT`]; so does a body that is not an AdmissionReview. A
+//! connection that does not finish its TLS handshake or send its headers in time is closed.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::BytesMut;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -33,8 +34,10 @@ use crate::mesh::MeshConfig;
 
 /// Largest request body accepted (the API server's own limit for an object is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 4 << 20;
-/// Time a request has from its first byte to its answer (the API server gives up at 30 s).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a request's body has to arrive in full once its headers are in (and the time a
+/// connection has to send its headers). The webhook configurations give the API server a
+/// `timeoutSeconds` of 10 (deploy/weft.yaml): a stalled request is answered well before that.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a connection has to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time in-flight requests get to finish on shutdown.
@@ -54,6 +57,61 @@ pub enum ServerError {
     },
 }
 
+/// Why a request body could not be read; the answer is 400 with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// `content-length` announces more than the limit; the body is not read.
+    #[error(
+        "request body is larger than the limit of {limit} bytes (content-length is {declared})"
+    )]
+    DeclaredTooLarge {
+        /// The announced length.
+        declared: u64,
+        /// [`Limits::max_body_bytes`].
+        limit: usize,
+    },
+    /// More than the limit arrived (a body without `content-length`).
+    #[error("request body is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// [`Limits::max_body_bytes`].
+        limit: usize,
+    },
+    /// The client ended the body before its `content-length` (or the stream broke).
+    #[error(
+        "request body is truncated: {} arrived before the client stopped sending ({reason})",
+        amount(*.received, *.expected)
+    )]
+    Truncated {
+        /// Bytes read.
+        received: usize,
+        /// The announced length, when there was one.
+        expected: Option<u64>,
+        /// What the connection reported.
+        reason: String,
+    },
+    /// The body did not arrive in full in time.
+    #[error(
+        "request body not complete within {timeout:?}: {} arrived",
+        amount(*.received, *.expected)
+    )]
+    Timeout {
+        /// [`Limits::request_timeout`].
+        timeout: Duration,
+        /// Bytes read.
+        received: usize,
+        /// The announced length, when there was one.
+        expected: Option<u64>,
+    },
+}
+
+/// `10 of 1000 bytes`, or `10 bytes` for a body of unannounced length.
+fn amount(received: usize, expected: Option<u64>) -> String {
+    match expected {
+        Some(n) => format!("{received} of {n} bytes"),
+        None => format!("{received} bytes"),
+    }
+}
+
 /// What the handlers share.
 #[derive(Debug)]
 pub struct AppState {
@@ -68,7 +126,7 @@ pub struct AppState {
 pub struct Limits {
     /// Largest body accepted.
     pub max_body_bytes: usize,
-    /// Time from the request's headers to its answer.
+    /// Time the body has to arrive in full, from the request's headers.
     pub request_timeout: Duration,
 }
 
@@ -93,44 +151,88 @@ pub fn router_with(state: Arc<AppState>, limits: Limits) -> Router {
         .route("/inject", post(inject))
         .route("/validate", post(validate))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(state)
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            with_timeout(limits, req, next)
-        }))
+        .with_state(Arc::new(Routes { app: state, limits }))
 }
 
-async fn with_timeout(limits: Limits, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limits.request_timeout, next.run(req)).await {
-        Ok(resp) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE => (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body is larger than the limit of {} bytes\n",
-                limits.max_body_bytes
-            ),
-        )
-            .into_response(),
-        Ok(resp) => resp,
-        Err(_) => (
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "request not complete within {:?} (truncated body?)\n",
-                limits.request_timeout
-            ),
-        )
-            .into_response(),
+/// The handlers' state: the shared state and the request limits.
+#[derive(Debug)]
+struct Routes {
+    app: Arc<AppState>,
+    limits: Limits,
+}
+
+/// Reads a whole request body within `limits`. The size is checked against `content-length`
+/// before anything is read, and against what arrives for a body without one; the whole body
+/// must arrive within [`Limits::request_timeout`].
+pub async fn read_body(req: Request, limits: Limits) -> Result<Bytes, BodyError> {
+    let expected = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let limit = limits.max_body_bytes;
+    if let Some(declared) = expected
+        && declared > limit as u64
+    {
+        return Err(BodyError::DeclaredTooLarge { declared, limit });
     }
+    let deadline = tokio::time::Instant::now() + limits.request_timeout;
+    let mut body: Body = req.into_body();
+    let capacity = expected.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    let mut buf = BytesMut::with_capacity(capacity);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(BodyError::Timeout {
+                    timeout: limits.request_timeout,
+                    received: buf.len(),
+                    expected,
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(error))) => {
+                return Err(BodyError::Truncated {
+                    received: buf.len(),
+                    expected,
+                    reason: error_chain(&error),
+                });
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(BodyError::TooLarge { limit });
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
-fn body_error(rejection: BytesRejection) -> Response {
-    let status = rejection.status();
-    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        "request body is too large\n".to_owned()
-    } else {
-        format!("cannot read request body: {}\n", rejection.body_text())
-    };
-    debug!(%status, %message, "bad request body");
-    (status, message).into_response()
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn body_error(error: BodyError) -> Response {
+    debug!(%error, "bad request body");
+    // What is left of the body is unread: the connection cannot carry another request
+    // (HTTP/2 drops the header and resets only the stream).
+    (
+        StatusCode::BAD_REQUEST,
+        [(http::header::CONNECTION, "close")],
+        format!("{error}\n"),
+    )
+        .into_response()
 }
 
 fn review_error(error: ReviewError) -> Response {
@@ -138,24 +240,22 @@ fn review_error(error: ReviewError) -> Response {
     (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response()
 }
 
-async fn inject(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
+async fn inject(State(routes): State<Arc<Routes>>, req: Request) -> Response {
+    let body = match read_body(req, routes.limits).await {
         Ok(b) => b,
-        Err(r) => return body_error(r),
+        Err(e) => return body_error(e),
     };
-    match admission::review_inject(&body, &state.mesh, state.cluster_supports_native_sidecars) {
+    let app = &routes.app;
+    match admission::review_inject(&body, &app.mesh, app.cluster_supports_native_sidecars) {
         Ok(review) => review_response(&review),
         Err(e) => review_error(e),
     }
 }
 
-async fn validate(body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
+async fn validate(State(routes): State<Arc<Routes>>, req: Request) -> Response {
+    let body = match read_body(req, routes.limits).await {
         Ok(b) => b,
-        Err(r) => return body_error(r),
+        Err(e) => return body_error(e),
     };
     match admission::review_validate(&body) {
         Ok(review) => review_response(&review),
@@ -220,10 +320,12 @@ pub async fn serve(
                 }
             };
             let mut builder = auto::Builder::new(TokioExecutor::new());
+            // A client that half-closes after a short body still gets its 400.
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(REQUEST_TIMEOUT);
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .half_close(true);
             let conn = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(error) = watcher.watch(conn.into_owned()).await {
                 debug!(%peer, %error, "connection ended with an error");

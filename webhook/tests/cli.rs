@@ -57,6 +57,246 @@ fn inject_file_prints_the_injected_yaml() {
     assert!(written.contains("name: weft-proxy"), "{written}");
 }
 
+const STATEFUL_SET: &str = r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: db
+  namespace: genesis
+  labels: {tier: data}
+spec:
+  serviceName: db
+  replicas: 3
+  podManagementPolicy: Parallel
+  selector:
+    matchLabels: {app: db}
+  template:
+    metadata:
+      labels: {app: db}
+    spec:
+      containers:
+        - name: db
+          image: postgres:16
+          ports: [{name: pg, containerPort: 5432}]
+          readinessProbe:
+            tcpSocket: {port: pg}
+  volumeClaimTemplates:
+    - metadata: {name: data}
+      spec:
+        accessModes: [ReadWriteOnce]
+        resources: {requests: {storage: 1Gi}}
+"#;
+
+const DAEMON_SET: &str = r#"apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: node-agent
+  namespace: genesis
+spec:
+  selector:
+    matchLabels: {app: node-agent}
+  updateStrategy:
+    type: RollingUpdate
+    rollingUpdate: {maxUnavailable: 1}
+  template:
+    metadata:
+      labels: {app: node-agent}
+      annotations: {traffic.sidecar.istio.io/excludeOutboundPorts: "10250"}
+    spec:
+      tolerations: [{operator: Exists}]
+      containers:
+        - name: agent
+          image: agent:2
+          ports: [{containerPort: 9100}]
+          livenessProbe:
+            httpGet: {path: /healthz, port: 9100}
+"#;
+
+const REPLICA_SET: &str = r#"apiVersion: apps/v1
+kind: ReplicaSet
+metadata:
+  name: frontend
+  namespace: genesis
+  annotations: {deployment.kubernetes.io/revision: "4"}
+spec:
+  replicas: 2
+  minReadySeconds: 5
+  selector:
+    matchLabels: {app: frontend}
+  template:
+    metadata:
+      labels: {app: frontend, version: v4}
+    spec:
+      containers:
+        - name: web
+          image: nginx:1.27
+          ports: [{name: http, containerPort: 80}]
+"#;
+
+const JOB: &str = r#"apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+  namespace: genesis
+spec:
+  backoffLimit: 2
+  ttlSecondsAfterFinished: 600
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: migrate
+          image: migrate:1
+          command: [migrate, up]
+"#;
+
+const UNKNOWN: &str = r#"apiVersion: example.com/v1alpha1
+kind: Frobnicator
+metadata:
+  name: frob
+  namespace: genesis
+spec:
+  template:
+    spec:
+      containers: [{name: not-a-pod, image: x}]
+  knobs: [1, 2, 3]
+"#;
+
+fn yaml_docs(yaml: &str) -> Vec<serde_json::Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).expect("yaml document"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// `weft-webhook inject -f` on `yaml`: the output documents.
+fn inject_file(yaml: &str) -> (String, Vec<serde_json::Value>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("in.yaml");
+    std::fs::write(&file, yaml).expect("write input");
+    let out = run(bin().arg("inject").arg("-f").arg(&file));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let docs = yaml_docs(&stdout);
+    (stdout, docs)
+}
+
+/// A workload document came out with its pod template injected and every other field as it was.
+fn check_workload(label: &str, before: &serde_json::Value, after: &serde_json::Value) {
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        v["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("template")
+            .expect("a template");
+        v
+    };
+    assert_eq!(
+        strip(after),
+        strip(before),
+        "{label}: fields besides the template"
+    );
+    let yaml_of = |v: &serde_json::Value| serde_yaml_ng::to_string(v).expect("yaml");
+    let (_, workload, pod_before) = common::pods_in(&yaml_of(before)).remove(0);
+    let (_, _, pod_after) = common::pods_in(&yaml_of(after)).remove(0);
+    common::check_injected(
+        label,
+        &pod_before,
+        &pod_after,
+        common::Expect {
+            native: true,
+            proxy_uid: 1337,
+        },
+    );
+    let labels = pod_after.metadata.labels.clone().unwrap_or_default();
+    let expected_name = pod_before
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("app").cloned())
+        .or(workload)
+        .expect("a canonical name");
+    assert_eq!(
+        labels.get("service.istio.io/canonical-name"),
+        Some(&expected_name),
+        "{label}"
+    );
+}
+
+#[test]
+fn inject_file_injects_each_workload_kind() {
+    for (kind, yaml) in [
+        ("StatefulSet", STATEFUL_SET),
+        ("DaemonSet", DAEMON_SET),
+        ("ReplicaSet", REPLICA_SET),
+        ("Job", JOB),
+    ] {
+        let (_, docs) = inject_file(yaml);
+        assert_eq!(docs.len(), 1, "{kind}");
+        assert_eq!(docs[0]["kind"], kind);
+        check_workload(kind, &yaml_docs(yaml)[0], &docs[0]);
+    }
+    // The DaemonSet's annotation reached weft-init; the Job's pod keeps restartPolicy Never.
+    let (_, docs) = inject_file(DAEMON_SET);
+    let inits = docs[0]["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .expect("init containers");
+    let args: Vec<&str> = inits[0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(args.contains(&"--exclude-outbound-ports=10250"), "{args:?}");
+    let (_, docs) = inject_file(JOB);
+    assert_eq!(
+        docs[0]["spec"]["template"]["spec"]["restartPolicy"],
+        "Never"
+    );
+}
+
+#[test]
+fn inject_file_mixes_kinds_and_passes_unknown_ones_through() {
+    let config_map =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {a: \"1\"}\n";
+    let input = [
+        STATEFUL_SET,
+        UNKNOWN,
+        DAEMON_SET,
+        config_map,
+        REPLICA_SET,
+        JOB,
+    ]
+    .join("---\n");
+    let before = yaml_docs(&input);
+    let (stdout, after) = inject_file(&input);
+    assert_eq!(after.len(), before.len(), "{stdout}");
+    let kinds: Vec<&str> = after.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "StatefulSet",
+            "Frobnicator",
+            "DaemonSet",
+            "ConfigMap",
+            "ReplicaSet",
+            "Job"
+        ]
+    );
+    // Kinds the injector does not know pass through untouched, even with a `spec.template`.
+    assert_eq!(after[1], before[1]);
+    assert_eq!(after[3], before[3]);
+    assert!(
+        !serde_json::to_string(&after[1])
+            .expect("json")
+            .contains("weft-")
+    );
+    for i in [0, 2, 4, 5] {
+        check_workload(&format!("document {}", i + 1), &before[i], &after[i]);
+    }
+    assert_eq!(stdout.matches("sidecar.istio.io/status").count(), 4);
+}
+
 #[test]
 fn inject_denial_and_bad_mesh_config_fail_clearly() {
     let out = run(bin().args([
@@ -113,6 +353,50 @@ fn validate_file_reports_findings_and_exits_1_on_errors() {
         text(&out.stderr).contains("0 errors"),
         "{}",
         text(&out.stderr)
+    );
+
+    // An invalid object: exit code 1, the finding naming the field.
+    let invalid = common::corpus_dir()
+        .join("../istio-api/invalid/istioctl-validate/invalid-virtual-service-negative-weight.yaml")
+        .display()
+        .to_string();
+    let out = run(bin().args(["validate", "-f", &invalid]));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("error: ") && l.contains("spec.http[0].route[1].weight")),
+        "{stdout}"
+    );
+    assert!(
+        text(&out.stderr).contains("1 errors"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The same from a file of our own, mixed with a valid document.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("dr.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ok, namespace: genesis}\n\
+         spec: {host: reviews}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: bad, namespace: genesis}\n\
+         spec:\n  host: reviews\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: -1}\n",
+    )
+    .expect("write");
+    let out = run(bin().arg("validate").arg("-f").arg(&file));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("error: DestinationRule/genesis/bad")
+            && stdout.contains("spec.trafficPolicy.connectionPool.tcp.maxConnections"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("error: DestinationRule/genesis/ok"),
+        "{stdout}"
     );
 }
 

@@ -1,7 +1,8 @@
 //! The real HTTPS server on 127.0.0.1:0, called with real AdmissionReview JSON over TLS
 //! (HTTP/1.1 and HTTP/2) by a hyper client that trusts the server's generated CA. The returned
-//! base64 JSON patch is applied with json-patch and the result checked. Bad bodies get clear
-//! 4xx answers and never hang.
+//! base64 JSON patch is applied with json-patch and the result checked. Bad bodies (malformed,
+//! oversized, truncated, never finished) get 400 with a message saying what was wrong, and never
+//! hang.
 
 mod common;
 
@@ -87,6 +88,36 @@ impl TestServer {
             .connect(name, tcp)
             .await
             .expect("tls handshake verifies the server")
+    }
+
+    /// A TLS connection without ALPN, so that hand-written HTTP/1.1 is what the server reads.
+    async fn tls_http1(&self) -> TlsStream<TcpStream> {
+        let mut config = rustls::ClientConfig::clone(self.connector.config());
+        config.alpn_protocols.clear();
+        let tcp = TcpStream::connect(self.addr).await.expect("connect");
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("tls")
+    }
+
+    /// Writes `head` and `body` by hand over HTTP/1.1, half-closes the connection when `close`
+    /// says so (else keeps it open and idle), and reads the whole answer.
+    async fn raw(&self, head: &str, body: &[u8], close: bool) -> String {
+        let mut tls = self.tls_http1().await;
+        tls.write_all(head.as_bytes()).await.expect("write head");
+        tls.write_all(body).await.expect("write body");
+        tls.flush().await.expect("flush");
+        if close {
+            // close_notify, then FIN: the client is done sending.
+            tls.shutdown().await.expect("half-close");
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut answer))
+            .await
+            .expect("server answered and closed instead of hanging")
+            .ok();
+        text(&answer)
     }
 
     /// One request over a fresh connection, with HTTP/2 when ALPN picks it.
@@ -359,7 +390,7 @@ async fn answers_denials_skips_and_other_kinds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_bodies_get_clear_4xx_answers() {
+async fn bad_bodies_get_clear_400_answers() {
     let server = TestServer::start(Limits::default()).await;
     let good = review(
         "Pod",
@@ -400,8 +431,8 @@ async fn bad_bodies_get_clear_4xx_answers() {
         (
             "oversized",
             vec![b' '; server::MAX_BODY_BYTES + 1],
-            413,
-            "larger than the limit",
+            400,
+            "request body is larger than the limit of 4194304 bytes",
         ),
     ];
     for (what, body, status, needle) in cases {
@@ -432,40 +463,121 @@ async fn bad_bodies_get_clear_4xx_answers() {
     server.stop().await;
 }
 
+fn post_head(path: &str, length: &str) -> String {
+    format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{length}\r\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_that_never_arrives_times_out_instead_of_hanging() {
+async fn a_truncated_body_gets_400_when_the_client_stops_sending() {
+    let server = TestServer::start(Limits::default()).await;
+    for path in ["/inject", "/validate"] {
+        // Promise 1000 bytes, send 10, then half-close: the client has nothing more to send.
+        let answer = server
+            .raw(
+                &post_head(path, "content-length: 1000\r\n"),
+                b"{\"apiVersi",
+                true,
+            )
+            .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(
+            answer.contains("request body is truncated: 10 of 1000 bytes arrived"),
+            "{path}: {answer}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_400_declared_or_streamed() {
+    let server = TestServer::start(Limits {
+        max_body_bytes: 1024,
+        ..Limits::default()
+    })
+    .await;
+    // Announced: refused before the body is read.
+    let answer = server
+        .raw(
+            &post_head("/inject", "content-length: 5000\r\n"),
+            b"{",
+            false,
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains(
+            "request body is larger than the limit of 1024 bytes (content-length is 5000)"
+        ),
+        "{answer}"
+    );
+    // Chunked, no length announced: refused once more than the limit has arrived.
+    let chunk = vec![b' '; 2000];
+    let mut body = format!("{:x}\r\n", chunk.len()).into_bytes();
+    body.extend_from_slice(&chunk);
+    body.extend_from_slice(b"\r\n0\r\n\r\n");
+    let answer = server
+        .raw(
+            &post_head("/inject", "transfer-encoding: chunked\r\n"),
+            &body,
+            false,
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("request body is larger than the limit of 1024 bytes"),
+        "{answer}"
+    );
+    server.stop().await;
+}
+
+/// The API server calls the webhook with `timeoutSeconds` from deploy/weft.yaml: a body that
+/// never arrives is answered before that.
+#[test]
+fn the_body_deadline_is_shorter_than_the_webhook_timeout() {
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/weft.yaml"),
+    )
+    .expect("read deploy/weft.yaml");
+    let mut timeouts = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&yaml) {
+        let v = <Value as serde::Deserialize>::deserialize(doc).expect("yaml");
+        if v["kind"] == "MutatingWebhookConfiguration"
+            || v["kind"] == "ValidatingWebhookConfiguration"
+        {
+            for hook in v["webhooks"].as_array().into_iter().flatten() {
+                timeouts.push(hook["timeoutSeconds"].as_u64().expect("timeoutSeconds"));
+            }
+        }
+    }
+    assert!(!timeouts.is_empty(), "no webhooks in deploy/weft.yaml");
+    for t in timeouts {
+        assert!(
+            server::REQUEST_TIMEOUT < Duration::from_secs(t),
+            "REQUEST_TIMEOUT {:?} must be shorter than the webhook's timeoutSeconds {t}",
+            server::REQUEST_TIMEOUT
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_gets_400_instead_of_hanging() {
     let server = TestServer::start(Limits {
         request_timeout: Duration::from_millis(500),
         ..Limits::default()
     })
     .await;
-    let mut tls = server.tls().await;
-    // Force HTTP/1.1 framing by hand: promise 1000 bytes, send 10, then wait.
-    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-        // ALPN chose h2; raw HTTP/1.1 bytes would be a protocol error. Use a fresh
-        // connection without ALPN instead.
-        drop(tls);
-        let mut config = rustls::ClientConfig::clone(server.connector.config());
-        config.alpn_protocols.clear();
-        let connector = TlsConnector::from(Arc::new(config));
-        let tcp = TcpStream::connect(server.addr).await.expect("connect");
-        tls = connector
-            .connect(ServerName::try_from("localhost").expect("name"), tcp)
-            .await
-            .expect("tls");
-    }
-    tls.write_all(
-        b"POST /inject HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"apiVersi",
-    )
-    .await
-    .expect("write");
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer))
-        .await
-        .expect("server answered and closed instead of hanging")
-        .ok();
-    let answer = text(&answer);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains("not complete"), "{answer}");
+    // Promise 1000 bytes, send 10, then wait with the connection open.
+    let answer = server
+        .raw(
+            &post_head("/inject", "content-length: 1000\r\n"),
+            b"{\"apiVersi",
+            false,
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("request body not complete within 500ms: 10 of 1000 bytes arrived"),
+        "{answer}"
+    );
     server.stop().await;
 }

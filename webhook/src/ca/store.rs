@@ -46,6 +46,22 @@ pub enum StoreError {
     /// The API server refused.
     #[error("kubernetes api: {0}")]
     Kube(#[from] kube::Error),
+    /// The directory holds part of a CA: generating a new root would overwrite the user's files.
+    #[error(
+        "{dir}: incomplete ca: {} present but {} missing; give the whole cacerts layout \
+         (ca-cert.pem and its ca-key.pem, with cert-chain.pem and root-cert.pem for an \
+         intermediate), or an empty directory for a new root",
+        present.join(", "),
+        missing.join(", ")
+    )]
+    Incomplete {
+        /// The directory.
+        dir: String,
+        /// The CA files found.
+        present: Vec<&'static str>,
+        /// The signing files not found.
+        missing: Vec<&'static str>,
+    },
     /// A Secret lacks a key.
     #[error("secret {secret} has no {key}")]
     Missing {
@@ -92,11 +108,29 @@ fn write_public(path: &Path, text: &str) -> Result<(), StoreError> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// Loads the CA of `dir`, or makes a new root there on first start.
+/// Loads the CA of `dir`, or makes a new root there on first start. A directory with some
+/// of the CA files but not both `ca-cert.pem` and `ca-key.pem` is refused rather than
+/// overwritten.
 pub fn load_or_create_dir(dir: &Path, trust_domain: &str) -> Result<Material, CaError> {
     let cert = dir.join(FILE_CA_CERT);
     let key = dir.join(FILE_CA_KEY);
-    if cert.exists() && key.exists() {
+    let present: Vec<&'static str> = [FILE_CA_CERT, FILE_CA_KEY, FILE_CERT_CHAIN, FILE_ROOT_CERT]
+        .into_iter()
+        .filter(|f| dir.join(f).exists())
+        .collect();
+    let missing: Vec<&'static str> = [FILE_CA_CERT, FILE_CA_KEY]
+        .into_iter()
+        .filter(|f| !present.contains(f))
+        .collect();
+    if !present.is_empty() && !missing.is_empty() {
+        return Err(StoreError::Incomplete {
+            dir: dir.display().to_string(),
+            present,
+            missing,
+        }
+        .into());
+    }
+    if missing.is_empty() {
         let material = Material {
             ca_cert: read_optional(&cert)?,
             ca_key: read_optional(&key)?,
@@ -293,5 +327,60 @@ mod tests {
             std::fs::read_to_string(dir.join(FILE_ROOT_CERT)).expect("read"),
             "bundle"
         );
+    }
+
+    #[test]
+    fn a_partial_cacerts_dir_is_refused_not_overwritten() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let user = Material::generate("cluster.local").expect("root");
+        for (present, missing) in [
+            (vec![FILE_CA_CERT], vec![FILE_CA_KEY]),
+            (vec![FILE_CA_KEY], vec![FILE_CA_CERT]),
+            (
+                vec![FILE_CA_CERT, FILE_CERT_CHAIN, FILE_ROOT_CERT],
+                vec![FILE_CA_KEY],
+            ),
+            (vec![FILE_ROOT_CERT], vec![FILE_CA_CERT, FILE_CA_KEY]),
+        ] {
+            let dir = tmp.path().join(present.join("+"));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            for f in &present {
+                let text = match *f {
+                    FILE_CA_KEY => &user.ca_key,
+                    _ => &user.ca_cert,
+                };
+                std::fs::write(dir.join(f), text).expect("write");
+            }
+            let error = load_or_create_dir(&dir, "cluster.local")
+                .expect_err("a partial ca is refused")
+                .to_string();
+            assert!(
+                error.contains(&format!(
+                    "{} present but {} missing",
+                    present.join(", "),
+                    missing.join(", ")
+                )),
+                "{error}"
+            );
+            assert!(
+                error.contains("incomplete ca") && error.contains(&dir.display().to_string()),
+                "{error}"
+            );
+            // Nothing was generated over the user's files.
+            for f in &present {
+                let expected = match *f {
+                    FILE_CA_KEY => &user.ca_key,
+                    _ => &user.ca_cert,
+                };
+                assert_eq!(
+                    &std::fs::read_to_string(dir.join(f)).expect("read"),
+                    expected,
+                    "{f} untouched"
+                );
+            }
+            for f in &missing {
+                assert!(!dir.join(f).exists(), "{f} not created");
+            }
+        }
     }
 }

@@ -143,6 +143,33 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "prometheus.istio.io/merge-metrics",
         "use enablePrometheusMerge in the mesh config",
     ),
+    (
+        "istio.io/rev",
+        "Weft runs one control-plane revision; sidecar.istio.io/status records it",
+    ),
+    (
+        "istio.io/reroute-virtual-interfaces",
+        "treating a virtual interface's inbound traffic as outbound (KubeVirt, docker-in-docker) \
+         is not implemented",
+    ),
+    (
+        "proxy.istio.io/overrides",
+        "written by Istio's injector; Weft takes overrides from a container named weft-proxy or \
+         istio-proxy",
+    ),
+    (
+        "ambient.istio.io/redirection",
+        "Weft has no ambient mode; the pod is meshed with a sidecar",
+    ),
+    (
+        "ambient.istio.io/bypass-inbound-capture",
+        "Weft has no ambient mode; traffic.sidecar.istio.io/includeInboundPorts: \"\" captures \
+         outbound traffic only",
+    ),
+    (
+        "ambient.istio.io/dns-capture",
+        "Weft has no ambient mode and does not proxy DNS",
+    ),
 ];
 
 /// Everything one injection needs from the pod's annotations and the mesh config.
