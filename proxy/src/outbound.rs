@@ -492,7 +492,7 @@ impl OutboundHttp {
         }
         let fwd = match &route.action {
             Action::Redirect(r) => {
-                let mut resp = r.response(&parts, sel.prefix_len());
+                let mut resp = r.response(&parts, sel.matched_prefix());
                 ops.apply(&mut resp);
                 return (resp, false);
             }
@@ -525,7 +525,7 @@ impl OutboundHttp {
         dest.request_headers.apply(&mut parts.headers);
         route.request_headers.apply(&mut parts.headers);
         if let Some(rw) = &fwd.rewrite {
-            rw.apply(&mut parts, sel.prefix_len());
+            rw.apply(&mut parts, sel.matched_prefix());
         }
         let cluster = &dest.cluster;
         let hash = cluster

@@ -294,14 +294,15 @@ pub struct LoadBalancer {
     pub warmup_ms: Option<u64>,
 }
 
-/// `loadBalancer.simple`.
+/// `loadBalancer.simple`. The default is Istio's: `LEAST_REQUEST`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LbPolicy {
     /// Weighted round robin.
-    #[default]
     RoundRobin,
-    /// Power of two choices on live load (in-flight requests, latency EWMA).
+    /// Power of two choices on live load (in-flight requests, latency EWMA); Istio's default
+    /// when a DestinationRule names no policy (or `UNSPECIFIED`).
+    #[default]
     LeastRequest,
     /// Uniformly random.
     Random,
@@ -525,8 +526,13 @@ pub struct HttpMatch {
 pub enum StringMatch {
     /// Equal.
     Exact(String),
-    /// Starts with.
+    /// Starts with (Istio's `prefix`: plain text, `/api` matches `/apiary`).
     Prefix(String),
+    /// Starts with whole `/`-separated segments (Gateway API `PathPrefix`): `/old` matches
+    /// `/old`, `/old/` and `/old/x` but not `/oldish`; a trailing `/` in the prefix is ignored,
+    /// so `/` matches every path. A prefix rewrite of such a match follows the Gateway API's
+    /// `ReplacePrefixMatch` rules (no doubled or dropped `/`).
+    SegmentPrefix(String),
     /// RE2 regex matching the whole value.
     Regex(String),
 }
