@@ -655,6 +655,76 @@ spec:
 }
 
 #[test]
+fn grpc_route_matches_and_filters() {
+    let r = with(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: api, namespace: a}
+spec:
+  parentRefs: [{group: "", kind: Service, name: client, port: 8080}]
+  rules:
+  - matches: [{method: {service: helloworld.Greeter, method: SayHello}, headers: [{name: X-Tenant, value: acme}]}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: X-Route, value: grpc}], add: [{name: x-trace, value: "1"}], remove: [X-Debug]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-served-by, value: mesh}]}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: server-v2, port: 80}}
+    backendRefs:
+    - name: server
+      port: 80
+      weight: 3
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-backend, value: server}]}}]
+    - {name: server-v2, port: 80, weight: 1}
+  - matches: [{method: {service: helloworld.Greeter}}]
+    backendRefs: [{name: server-v2, port: 80}]
+"#,
+    );
+    let s = translate(&r, &proxy(&r, "b", "other"));
+    let routes = &find_port(&s, "client.a.svc.cluster.local", 8080).http_routes;
+    assert_eq!(routes.len(), 2, "{routes:#?}");
+    let say_hello = &routes[0];
+    assert_eq!(
+        say_hello.matches[0].uri,
+        Some(StringMatch::Exact("/helloworld.Greeter/SayHello".into()))
+    );
+    assert_eq!(say_hello.matches[0].headers[0].name, "x-tenant");
+    assert_eq!(say_hello.request_headers.set["x-route"], "grpc");
+    assert_eq!(say_hello.request_headers.add["x-trace"], "1");
+    assert_eq!(say_hello.request_headers.remove, ["x-debug"]);
+    assert_eq!(say_hello.response_headers.set["x-served-by"], "mesh");
+    let HttpAction::Forward(f) = &say_hello.action else {
+        panic!("{say_hello:#?}")
+    };
+    assert_eq!(
+        f.mirrors[0].cluster,
+        "outbound|80||server-v2.a.svc.cluster.local"
+    );
+    assert_eq!(
+        f.destinations
+            .iter()
+            .map(|d| (d.cluster.as_str(), d.weight))
+            .collect::<Vec<_>>(),
+        [
+            ("outbound|80||server.a.svc.cluster.local", 3),
+            ("outbound|80||server-v2.a.svc.cluster.local", 1)
+        ]
+    );
+    assert_eq!(
+        f.destinations[0].request_headers.set["x-backend"], "server",
+        "backendRef filters"
+    );
+    assert!(f.destinations[1].request_headers.set.is_empty());
+    assert_eq!(
+        routes[1].matches[0].uri,
+        Some(StringMatch::Prefix("/helloworld.Greeter/".into())),
+        "a service match is a prefix of whole segments already"
+    );
+}
+
+#[test]
 fn traffic_split_weights_backends() {
     let r = with(
         r#"

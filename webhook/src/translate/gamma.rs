@@ -606,11 +606,24 @@ fn grpc_rule(
         let Some(cluster) = backend_cluster(ctx, &b.reference, route_ns, port) else {
             continue;
         };
+        let mut request_headers = HeaderOps::default();
+        let mut response_headers = HeaderOps::default();
+        for f in &b.filters {
+            match f.type_ {
+                GrpcRouteFilterType::RequestHeaderModifier => {
+                    request_headers = header_filter(f.request_header_modifier.as_ref())
+                }
+                GrpcRouteFilterType::ResponseHeaderModifier => {
+                    response_headers = header_filter(f.response_header_modifier.as_ref())
+                }
+                _ => {}
+            }
+        }
         destinations.push(WeightedCluster {
             cluster,
             weight: u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
-            request_headers: HeaderOps::default(),
-            response_headers: HeaderOps::default(),
+            request_headers,
+            response_headers,
         });
     }
     destinations.retain(|d| d.weight > 0);
