@@ -23,6 +23,7 @@ use http::uri::Scheme;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{CaptureConnection, capture_connection};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, info, warn};
@@ -451,11 +452,24 @@ struct Sent {
 }
 
 impl OutboundHttp {
+    /// Where a request goes: the current config's target, so that route and endpoint
+    /// changes reach long-lived app connections (keep-alive, HTTP/2) at their next request;
+    /// the connection's own target when the destination has left the config. Requests in
+    /// flight keep the clusters they picked.
+    fn current_target(&self) -> Arc<Target> {
+        self.proxy
+            .config
+            .load()
+            .resolve(self.conn.dst)
+            .unwrap_or_else(|| self.target.clone())
+    }
+
     async fn route(&self, req: Request<Incoming>) -> (Response<Body>, bool) {
         let grpc = h::is_grpc(&req);
         let upgrade = h::is_upgrade(&req);
         let (mut parts, body) = req.into_parts();
-        let Some(sel) = self.target.routes.select(&parts, self.conn.dst.port()) else {
+        let target = self.current_target();
+        let Some(sel) = target.routes.select(&parts, self.conn.dst.port()) else {
             debug!(path = parts.uri.path(), "no route matched");
             return (
                 h::error_response(StatusCode::NOT_FOUND, grpc, "route not found"),
@@ -511,11 +525,7 @@ impl OutboundHttp {
         parts.headers.remove(h::ORIGIN_PROTO_HEADER);
         let authority = crate::route::request_authority(&parts)
             .and_then(|a| a.parse().ok())
-            .or_else(|| {
-                format!("{}:{}", self.target.hostname, self.target.port)
-                    .parse()
-                    .ok()
-            });
+            .or_else(|| format!("{}:{}", target.hostname, target.port).parse().ok());
         // Upgrades keep the origin form the app sent (WebSocket servers expect it).
         if let Some(a) = authority.filter(|_| !upgrade) {
             let mut req = Request::from_parts(parts, ());
@@ -1005,12 +1015,16 @@ async fn send_once(
             *req.uri_mut() = uri;
         }
         *req.version_mut() = Version::HTTP_11;
+        let captured = retiring(cluster, &mut req);
         return match client.request(req).await {
-            Ok(resp) => Ok(Sent {
-                resp: upstream_response(resp),
-                mtls: false,
-                conn: None,
-            }),
+            Ok(resp) => {
+                retire(cluster, captured.as_ref());
+                Ok(Sent {
+                    resp: upstream_response(resp),
+                    mtls: false,
+                    conn: None,
+                })
+            }
             Err(e) => Err((SendError::Client(e), None)),
         };
     }
@@ -1075,12 +1089,16 @@ async fn send_once(
                 req.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            let captured = retiring(cluster, &mut req);
             match proxy.pools.h1_client(&cluster.pool).request(req).await {
-                Ok(resp) => Ok(Sent {
-                    resp: upstream_response(resp),
-                    mtls: false,
-                    conn: Some(conn),
-                }),
+                Ok(resp) => {
+                    retire(cluster, captured.as_ref());
+                    Ok(Sent {
+                        resp: upstream_response(resp),
+                        mtls: false,
+                        conn: Some(conn),
+                    })
+                }
                 Err(e) => Err((SendError::Client(e), None)),
             }
         }
@@ -1118,6 +1136,23 @@ async fn send_once(
                 Err(e) => Err((SendError::Http(e), None)),
             }
         }
+    }
+}
+
+/// Watches which pooled connection carries `req` when the cluster limits requests per
+/// connection.
+fn retiring(cluster: &Cluster, req: &mut Request<Body>) -> Option<CaptureConnection> {
+    cluster
+        .pool
+        .max_requests_per_connection
+        .map(|_| capture_connection(req))
+}
+
+/// Counts a request against its pooled connection, retiring the connection at the cluster's
+/// `maxRequestsPerConnection`.
+fn retire(cluster: &Cluster, captured: Option<&CaptureConnection>) {
+    if let (Some(max), Some(c)) = (cluster.pool.max_requests_per_connection, captured) {
+        pool::retire_after(c, max);
     }
 }
 
