@@ -1,8 +1,9 @@
 //! The outbound listener (15001): what the app sends, redirected here, goes to the service it
 //! meant, routed and balanced, over mesh mTLS when the endpoint has a sidecar.
 //!
-//! HTTP requests go through the port's routes (first match wins; a port without routes has
-//! one catch-all route to its cluster): CORS preflight, fault injection, then the action
+//! HTTP requests go through the port's routes, taken from the config current when the
+//! request arrives (first match wins; a port without routes has one catch-all route to its
+//! cluster): CORS preflight, fault injection, then the action
 //! (redirect, direct response, or forward: destination by weight, header operations,
 //! rewrite, mirrors, and tries with per-try timeouts, retries under the cluster's budget and
 //! circuit breaker, each try's outcome feeding outlier detection and the latency EWMA),

@@ -147,10 +147,10 @@ impl PoolOptions {
     }
 }
 
-/// Requests an HTTP/1 upstream connection has carried. Each pooled connection carries one in
-/// its hyper-util metadata ([`Connected::extra`]), so that the request that reaches
-/// `maxRequestsPerConnection` can retire it ([`retire_after`]): the pool's own client counts
-/// nothing.
+/// Requests a pooled upstream connection (plain HTTP/1, or TLS origination) has carried. Each
+/// connection carries one in its hyper-util metadata ([`Connected::extra`]), so that the
+/// request that reaches `maxRequestsPerConnection` can retire it ([`retire_after`]): the pooling
+/// client counts nothing itself.
 #[derive(Debug, Clone, Default)]
 pub struct ConnUses(Arc<AtomicU32>);
 

@@ -6,7 +6,12 @@
 //! producer routes for them. Rules are ordered by the Gateway API's precedence: exact path,
 //! longest prefix, regex, then method, most headers, most query parameters, then the oldest
 //! route, then rule order. Unmatched requests get 404 (the model's rule when routes exist).
-//! A rule without backends answers 500, as the Gateway API asks.
+//! A rule without backends answers 500, as the Gateway API asks. `PathPrefix` matches whole
+//! path segments (`segmentPrefix` in the model), and `ReplacePrefixMatch` replaces them by
+//! the Gateway API's rules; Istio's textual `prefix` is left to VirtualServices.
+//!
+//! Which of these routes, a VirtualService or a TrafficSplit claiming the same service
+//! applies is decided in [`super::routes`] (the oldest).
 
 use std::sync::Arc;
 
