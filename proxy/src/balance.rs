@@ -1,9 +1,9 @@
 //! Load balancing: which endpoint of a cluster gets a request or connection.
 //!
-//! Policies: weighted round robin, least request as power of two choices on live load (in-flight
-//! requests times a peak latency EWMA, divided by weight), weighted random, passthrough to the
-//! original destination, and consistent hashing on a request attribute with a Ketama ring or a
-//! Maglev table. Endpoints an outlier check ejected are skipped (unless fewer than
+//! Policies: least request (Istio's default) as power of two choices on live load (two
+//! candidates drawn by weight, the one with the lower in-flight requests times peak latency
+//! EWMA wins), weighted round robin, weighted random, passthrough to the original destination,
+//! and consistent hashing on a request attribute with a Ketama ring or a Maglev table. Endpoints an outlier check ejected are skipped (unless fewer than
 //! `minHealthPercent` remain: Envoy's panic mode), endpoints tried before are avoided on
 //! retries (Istio's `previous_hosts` predicate), and new endpoints ramp up over the warmup
 //! window (Envoy's slow start, linear, from 10%).
@@ -29,7 +29,9 @@ use crate::retry::Budget;
 use crate::route::query_param;
 use crate::snapshot::Endpoint;
 
-/// Latency assumed for an endpoint that has not answered yet.
+/// Latency assumed for an endpoint that has not answered yet, and the floor of every estimate:
+/// below it differences are scheduling noise rather than load, so idle endpoints tie and share
+/// traffic by weight instead of one taking all of it for a few microseconds' edge.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Decay time of the latency EWMA (linkerd's default).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -134,14 +136,19 @@ impl EndpointState {
         self.ewma.store(next.to_bits(), Ordering::Release);
     }
 
-    /// The latency estimate, nanoseconds.
-    pub fn latency(&self) -> f64 {
+    /// The latency estimate at `now`, nanoseconds: the EWMA decayed over the time since its
+    /// last sample (as linkerd's peak EWMA does, so that one slow answer does not keep an
+    /// endpoint out of rotation forever), never below [`DEFAULT_RTT`].
+    pub fn latency(&self, now: Instant) -> f64 {
+        let floor = DEFAULT_RTT.as_nanos() as f64;
         let v = f64::from_bits(self.ewma.load(Ordering::Acquire));
-        if v > 0.0 {
-            v
-        } else {
-            DEFAULT_RTT.as_nanos() as f64
+        if v <= floor {
+            return floor;
         }
+        let elapsed = self
+            .since_base(now)
+            .saturating_sub(self.ewma_at.load(Ordering::Acquire)) as f64;
+        (v * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()).max(floor)
     }
 
     /// Share of its weight the endpoint gets `window` into its life: linear from 10%.
@@ -663,23 +670,28 @@ impl Balancer {
                 found
             }
             Balancer::LeastRequest => {
-                let candidates: Vec<usize> = (0..n).filter(|i| ok(*i) && fresh(*i)).collect();
+                // Candidates weighted by endpoint weight and warmup, so that idle endpoints
+                // (a tie) share traffic by weight; the load alone decides between the two.
+                let candidates: Vec<(usize, f64)> = (0..n)
+                    .filter(|i| ok(*i) && fresh(*i))
+                    .map(|i| {
+                        let w = f64::from(input.weights[i].max(1))
+                            * input.states[i].warmup_factor(ctx.now, input.warmup);
+                        (i, w)
+                    })
+                    .collect();
                 match candidates.len() {
                     0 => None,
-                    1 => Some(candidates[0]),
-                    len => {
-                        let a = candidates[rng.usize(..len)];
-                        let mut b = candidates[rng.usize(..len - 1)];
-                        if b == a {
-                            b = candidates[len - 1];
-                        }
-                        let cost = |i: usize| {
-                            let s = &input.states[i];
-                            let weight = f64::from(input.weights[i].max(1))
-                                * s.warmup_factor(ctx.now, input.warmup);
-                            (f64::from(s.in_flight()) + 1.0) * s.latency() / weight
+                    1 => Some(candidates[0].0),
+                    _ => {
+                        let total: f64 = candidates.iter().map(|(_, w)| w).sum();
+                        let a = weighted_draw(&candidates, total, None, rng);
+                        let b = weighted_draw(&candidates, total - candidates[a].1, Some(a), rng);
+                        let cost = |k: usize| {
+                            let s = &input.states[candidates[k].0];
+                            (f64::from(s.in_flight()) + 1.0) * s.latency(ctx.now)
                         };
-                        Some(if cost(b) < cost(a) { b } else { a })
+                        Some(candidates[if cost(b) < cost(a) { b } else { a }].0)
                     }
                 }
             }
@@ -696,6 +708,30 @@ impl Balancer {
         };
         chosen.or_else(first_usable).map(Choice::Endpoint)
     }
+}
+
+/// Index into `candidates` drawn with probability proportional to weight, skipping `except`
+/// (whose weight `total` leaves out).
+fn weighted_draw(
+    candidates: &[(usize, f64)],
+    total: f64,
+    except: Option<usize>,
+    rng: &mut fastrand::Rng,
+) -> usize {
+    let mut roll = rng.f64() * total;
+    let mut last = 0;
+    for (k, (_, w)) in candidates.iter().enumerate() {
+        if Some(k) == except {
+            continue;
+        }
+        last = k;
+        if roll < *w {
+            return k;
+        }
+        roll -= w;
+    }
+    // Rounding left the roll past the end: the last eligible candidate.
+    last
 }
 
 /// The per-cluster state slot: bound when the config is installed (taking over the previous
@@ -778,7 +814,7 @@ mod tests {
             outlier: None,
             warmup: None,
         };
-        let rr = Balancer::compile(&lb("{}"), &e, &weights);
+        let rr = Balancer::compile(&lb("{policy: ROUND_ROBIN}"), &e, &weights);
         assert_eq!(counts(&rr, &input, 8, 1), vec![6, 2]);
         let random = Balancer::compile(&lb("{policy: RANDOM}"), &e, &weights);
         let c = counts(&random, &input, 4000, 42);
@@ -818,14 +854,93 @@ mod tests {
         let s = EndpointState::new();
         let t = Instant::now();
         s.observe_latency(Duration::from_millis(10), t);
-        s.observe_latency(Duration::from_millis(100), t + Duration::from_millis(1));
-        assert!((s.latency() - 100e6).abs() < 1.0, "peak taken at once");
-        s.observe_latency(Duration::from_millis(10), t + Duration::from_secs(30));
+        let t1 = t + Duration::from_millis(1);
+        s.observe_latency(Duration::from_millis(100), t1);
+        assert!((s.latency(t1) - 100e6).abs() < 1.0, "peak taken at once");
+        let t2 = t + Duration::from_secs(30);
+        s.observe_latency(Duration::from_millis(10), t2);
         assert!(
-            s.latency() < 20e6,
+            s.latency(t2) < 20e6,
             "decayed after 3 decay times: {}",
-            s.latency()
+            s.latency(t2)
         );
+    }
+
+    #[test]
+    fn estimates_fade_without_samples_and_never_go_below_the_floor() {
+        let s = EndpointState::new();
+        let t = Instant::now();
+        assert_eq!(s.latency(t), DEFAULT_RTT.as_nanos() as f64, "no sample yet");
+        s.observe_latency(Duration::from_millis(50), t);
+        assert!((s.latency(t) - 50e6).abs() < 1.0);
+        let later = s.latency(t + EWMA_DECAY);
+        assert!(
+            (later - 50e6 / std::f64::consts::E).abs() < 1e3,
+            "one decay time later: {later}"
+        );
+        assert_eq!(
+            s.latency(t + EWMA_DECAY * 10),
+            DEFAULT_RTT.as_nanos() as f64,
+            "faded to the floor"
+        );
+        let fast = EndpointState::new();
+        fast.observe_latency(Duration::from_micros(80), t);
+        assert_eq!(
+            fast.latency(t),
+            DEFAULT_RTT.as_nanos() as f64,
+            "sub-floor samples tie"
+        );
+    }
+
+    #[test]
+    fn least_request_is_the_default_and_idle_endpoints_share_by_weight() {
+        let e = eps(2);
+        let st = states(2);
+        let b = Balancer::compile(&lb("{}"), &e, &[1, 1]);
+        assert!(matches!(b, Balancer::LeastRequest), "{b:?}");
+        // Sequential traffic (nothing in flight) with sub-millisecond answers that differ.
+        let now = Instant::now();
+        st[0].observe_latency(Duration::from_micros(200), now);
+        st[1].observe_latency(Duration::from_micros(700), now);
+        for (weights, low, high) in [([1, 1], 1800, 2200), ([3, 1], 2800, 3200)] {
+            let input = PickInput {
+                endpoints: &e,
+                weights: &weights,
+                states: &st,
+                outlier: None,
+                warmup: None,
+            };
+            let c = counts(&b, &input, 4000, 11);
+            assert!(
+                (low..high).contains(&c[0]),
+                "weights {weights:?}: share by weight {c:?}"
+            );
+        }
+        // Real load still decides: a slow endpoint loses while its estimate is high, and is
+        // back in rotation once it faded.
+        st[1].observe_latency(Duration::from_millis(40), now);
+        let input = PickInput {
+            endpoints: &e,
+            weights: &[1, 1],
+            states: &st,
+            outlier: None,
+            warmup: None,
+        };
+        let at = |when: Instant, seed: u64| {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let ctx = PickContext {
+                now: when,
+                ..PickContext::now()
+            };
+            let mut c = [0usize; 2];
+            for _ in 0..2000 {
+                c[pick_index(&b, &input, &ctx, &mut rng)] += 1;
+            }
+            c
+        };
+        assert_eq!(at(now, 12)[1], 0, "slow: never preferred");
+        let c = at(now + EWMA_DECAY * 6, 13);
+        assert!((800..1200).contains(&c[1]), "faded: back in rotation {c:?}");
     }
 
     fn hashed(key: &[u8]) -> PickContext {
@@ -956,7 +1071,7 @@ mod tests {
             outlier: Some(&policy),
             warmup: None,
         };
-        let rr = Balancer::compile(&lb("{}"), &e, &weights);
+        let rr = Balancer::compile(&lb("{policy: ROUND_ROBIN}"), &e, &weights);
         assert_eq!(counts(&rr, &input, 30, 1)[0], 0, "ejected skipped");
         st[1].outlier.eject(Instant::now(), &policy);
         let c = counts(&rr, &input, 30, 1);
@@ -985,7 +1100,7 @@ mod tests {
             warmup: None,
         };
         let mut rng = fastrand::Rng::with_seed(1);
-        for policy in ["{}", "{policy: RANDOM}", "{policy: LEAST_REQUEST}"] {
+        for policy in ["{policy: ROUND_ROBIN}", "{policy: RANDOM}", "{}"] {
             let b = Balancer::compile(&lb(policy), &e, &weights);
             for _ in 0..20 {
                 let ctx = PickContext {
@@ -1058,7 +1173,7 @@ mod tests {
             outlier: None,
             warmup: Some(Duration::from_secs(60)),
         };
-        let rr = Balancer::compile(&lb("{}"), &e, &weights);
+        let rr = Balancer::compile(&lb("{policy: ROUND_ROBIN}"), &e, &weights);
         let c = counts(&rr, &input, 2000, 5);
         assert!(c[1] < 300, "new endpoint at 10%: {c:?}");
         tokio::time::advance(Duration::from_secs(30)).await;

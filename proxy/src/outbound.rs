@@ -1,8 +1,9 @@
 //! The outbound listener (15001): what the app sends, redirected here, goes to the service it
 //! meant, routed and balanced, over mesh mTLS when the endpoint has a sidecar.
 //!
-//! HTTP requests go through the port's routes (first match wins; a port without routes has
-//! one catch-all route to its cluster): CORS preflight, fault injection, then the action
+//! HTTP requests go through the port's routes, taken from the config current when the
+//! request arrives (first match wins; a port without routes has one catch-all route to its
+//! cluster): CORS preflight, fault injection, then the action
 //! (redirect, direct response, or forward: destination by weight, header operations,
 //! rewrite, mirrors, and tries with per-try timeouts, retries under the cluster's budget and
 //! circuit breaker, each try's outcome feeding outlier detection and the latency EWMA),
@@ -23,6 +24,7 @@ use http::uri::Scheme;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{CaptureConnection, capture_connection};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, info, warn};
@@ -451,11 +453,24 @@ struct Sent {
 }
 
 impl OutboundHttp {
+    /// Where a request goes: the current config's target, so that route and endpoint
+    /// changes reach long-lived app connections (keep-alive, HTTP/2) at their next request;
+    /// the connection's own target when the destination has left the config. Requests in
+    /// flight keep the clusters they picked.
+    fn current_target(&self) -> Arc<Target> {
+        self.proxy
+            .config
+            .load()
+            .resolve(self.conn.dst)
+            .unwrap_or_else(|| self.target.clone())
+    }
+
     async fn route(&self, req: Request<Incoming>) -> (Response<Body>, bool) {
         let grpc = h::is_grpc(&req);
         let upgrade = h::is_upgrade(&req);
         let (mut parts, body) = req.into_parts();
-        let Some(sel) = self.target.routes.select(&parts, self.conn.dst.port()) else {
+        let target = self.current_target();
+        let Some(sel) = target.routes.select(&parts, self.conn.dst.port()) else {
             debug!(path = parts.uri.path(), "no route matched");
             return (
                 h::error_response(StatusCode::NOT_FOUND, grpc, "route not found"),
@@ -492,7 +507,7 @@ impl OutboundHttp {
         }
         let fwd = match &route.action {
             Action::Redirect(r) => {
-                let mut resp = r.response(&parts, sel.prefix_len());
+                let mut resp = r.response(&parts, sel.matched_prefix());
                 ops.apply(&mut resp);
                 return (resp, false);
             }
@@ -511,11 +526,7 @@ impl OutboundHttp {
         parts.headers.remove(h::ORIGIN_PROTO_HEADER);
         let authority = crate::route::request_authority(&parts)
             .and_then(|a| a.parse().ok())
-            .or_else(|| {
-                format!("{}:{}", self.target.hostname, self.target.port)
-                    .parse()
-                    .ok()
-            });
+            .or_else(|| format!("{}:{}", target.hostname, target.port).parse().ok());
         // Upgrades keep the origin form the app sent (WebSocket servers expect it).
         if let Some(a) = authority.filter(|_| !upgrade) {
             let mut req = Request::from_parts(parts, ());
@@ -525,7 +536,7 @@ impl OutboundHttp {
         dest.request_headers.apply(&mut parts.headers);
         route.request_headers.apply(&mut parts.headers);
         if let Some(rw) = &fwd.rewrite {
-            rw.apply(&mut parts, sel.prefix_len());
+            rw.apply(&mut parts, sel.matched_prefix());
         }
         let cluster = &dest.cluster;
         let hash = cluster
@@ -1005,12 +1016,16 @@ async fn send_once(
             *req.uri_mut() = uri;
         }
         *req.version_mut() = Version::HTTP_11;
+        let captured = retiring(cluster, &mut req);
         return match client.request(req).await {
-            Ok(resp) => Ok(Sent {
-                resp: upstream_response(resp),
-                mtls: false,
-                conn: None,
-            }),
+            Ok(resp) => {
+                retire(cluster, captured.as_ref());
+                Ok(Sent {
+                    resp: upstream_response(resp),
+                    mtls: false,
+                    conn: None,
+                })
+            }
             Err(e) => Err((SendError::Client(e), None)),
         };
     }
@@ -1075,12 +1090,16 @@ async fn send_once(
                 req.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            let captured = retiring(cluster, &mut req);
             match proxy.pools.h1_client(&cluster.pool).request(req).await {
-                Ok(resp) => Ok(Sent {
-                    resp: upstream_response(resp),
-                    mtls: false,
-                    conn: Some(conn),
-                }),
+                Ok(resp) => {
+                    retire(cluster, captured.as_ref());
+                    Ok(Sent {
+                        resp: upstream_response(resp),
+                        mtls: false,
+                        conn: Some(conn),
+                    })
+                }
                 Err(e) => Err((SendError::Client(e), None)),
             }
         }
@@ -1118,6 +1137,23 @@ async fn send_once(
                 Err(e) => Err((SendError::Http(e), None)),
             }
         }
+    }
+}
+
+/// Watches which pooled connection carries `req` when the cluster limits requests per
+/// connection.
+fn retiring(cluster: &Cluster, req: &mut Request<Body>) -> Option<CaptureConnection> {
+    cluster
+        .pool
+        .max_requests_per_connection
+        .map(|_| capture_connection(req))
+}
+
+/// Counts a request against its pooled connection, retiring the connection at the cluster's
+/// `maxRequestsPerConnection`.
+fn retire(cluster: &Cluster, captured: Option<&CaptureConnection>) {
+    if let (Some(max), Some(c)) = (cluster.pool.max_requests_per_connection, captured) {
+        pool::retire_after(c, max);
     }
 }
 

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{CaptureConnection, Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -145,6 +147,88 @@ impl PoolOptions {
     }
 }
 
+/// Requests a pooled upstream connection (plain HTTP/1, or TLS origination) has carried. Each
+/// connection carries one in its hyper-util metadata ([`Connected::extra`]), so that the
+/// request that reaches `maxRequestsPerConnection` can retire it ([`retire_after`]): the pooling
+/// client counts nothing itself.
+#[derive(Debug, Clone, Default)]
+pub struct ConnUses(Arc<AtomicU32>);
+
+impl ConnUses {
+    /// Requests counted so far.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Counts one more request on the connection `captured` holds and, when it is the `max`-th,
+/// poisons the connection: it finishes this request and is never handed out again.
+pub fn retire_after(captured: &CaptureConnection, max: u32) {
+    let meta = captured.connection_metadata();
+    let Some(conn) = meta.as_ref() else {
+        return;
+    };
+    let mut extras = http::Extensions::new();
+    conn.get_extras(&mut extras);
+    let Some(uses) = extras.get::<ConnUses>() else {
+        return;
+    };
+    if uses.0.fetch_add(1, Ordering::AcqRel) + 1 >= max {
+        conn.poison();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A plain TCP connection of the HTTP/1 pool, with its request count.
+    pub struct CountedIo {
+        #[pin]
+        inner: TokioIo<TcpStream>,
+        uses: ConnUses,
+    }
+}
+
+impl Connection for CountedIo {
+    fn connected(&self) -> Connected {
+        self.inner.connected().extra(self.uses.clone())
+    }
+}
+
+impl hyper::rt::Read for CountedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CountedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+}
+
 /// Turns on TCP keepalive on an upstream socket.
 pub fn set_keepalive(stream: &TcpStream, k: &Keepalive) -> io::Result<()> {
     let mut ka = socket2::TcpKeepalive::new();
@@ -199,7 +283,8 @@ impl Pools {
     }
 
     /// The HTTP/1.1 client for a cluster's pool options: the shared one for defaults, else
-    /// one per distinct set of options.
+    /// one per distinct set of options. `maxRequestsPerConnection` is honoured by the sender
+    /// ([`retire_after`]); a limit of 1 also keeps no idle connection.
     pub fn h1_client(&self, options: &PoolOptions) -> Client<Connector, Body> {
         if *options == PoolOptions::default() {
             return self.h1.clone();
@@ -364,7 +449,7 @@ pub struct Connector {
 }
 
 impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = CountedIo;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -389,7 +474,10 @@ impl tower::Service<Uri> for Connector {
             if let Some(k) = &keepalive {
                 let _ = set_keepalive(&stream, k);
             }
-            Ok(TokioIo::new(stream))
+            Ok(CountedIo {
+                inner: TokioIo::new(stream),
+                uses: ConnUses::default(),
+            })
         })
     }
 }

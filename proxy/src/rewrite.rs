@@ -2,6 +2,10 @@
 //! rewrites, redirect locations and direct responses, following Envoy's semantics (headers
 //! are removed before they are set or added; a prefix rewrite replaces the matched prefix; a
 //! redirect keeps the query unless the new path carries one).
+//!
+//! A prefix rewrite after an Istio `prefix` match is plain text (Envoy's `prefix_rewrite`:
+//! `/v1/` → `/v2/`); after a Gateway API `PathPrefix` match it follows `ReplacePrefixMatch`,
+//! which works on whole segments (`/v2` replaced by `/` turns `/v2/x` into `/x`, not `//x`).
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -13,7 +17,7 @@ use regex::Regex;
 use weft_api::config::{self as model, ConfigError};
 
 use crate::http::{self as h, Body};
-use crate::route::{request_authority, request_scheme};
+use crate::route::{MatchedPrefix, request_authority, request_scheme};
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError {
@@ -112,6 +116,23 @@ fn replacement(rewrite: &str) -> String {
     out
 }
 
+/// `path` with its matched prefix replaced by `with`. Plain prefixes are replaced as text.
+/// Segment prefixes follow the Gateway API's `ReplacePrefixMatch` table: what follows the
+/// prefix is empty or starts with `/`, a trailing `/` of the replacement is dropped so that it
+/// is not doubled, and an empty result is `/` (`/foo/bar` with `/foo` → `/xyz/` gives
+/// `/xyz/bar`; `/foo` with `/foo` → `` gives `/`). A prefix that does not fit the path (a
+/// config changed under the request) replaces the whole path.
+pub fn replace_prefix(path: &str, prefix: MatchedPrefix, with: &str) -> String {
+    let Some(rest) = path.get(prefix.len..) else {
+        return with.to_owned();
+    };
+    if !prefix.segments {
+        return format!("{with}{rest}");
+    }
+    let out = format!("{}{rest}", with.trim_end_matches('/'));
+    if out.is_empty() { "/".to_owned() } else { out }
+}
+
 /// A compiled path / authority rewrite.
 #[derive(Debug, Clone)]
 pub struct Rewrite {
@@ -151,15 +172,13 @@ impl Rewrite {
         })
     }
 
-    /// The new path for `path` (without query). `prefix_len` is the length of the prefix the
-    /// route matched: a `uri` rewrite replaces it, or the whole path for other matches.
-    pub fn path(&self, path: &str, prefix_len: Option<usize>) -> Option<String> {
+    /// The new path for `path` (without query). `prefix` is the prefix the route matched: a
+    /// `uri` rewrite replaces it ([`replace_prefix`]), or the whole path for other matches.
+    pub fn path(&self, path: &str, prefix: Option<MatchedPrefix>) -> Option<String> {
         if let Some(uri) = &self.uri {
-            return Some(match prefix_len {
-                Some(n) if n <= path.len() && path.is_char_boundary(n) => {
-                    format!("{uri}{}", &path[n..])
-                }
-                _ => uri.clone(),
+            return Some(match prefix {
+                Some(p) => replace_prefix(path, p, uri),
+                None => uri.clone(),
             });
         }
         let (re, with) = self.uri_regex.as_ref()?;
@@ -167,8 +186,8 @@ impl Rewrite {
     }
 
     /// Rewrites the request: path (query kept) and authority (URI and Host header).
-    pub fn apply(&self, parts: &mut Parts, prefix_len: Option<usize>) {
-        if let Some(new_path) = self.path(parts.uri.path(), prefix_len) {
+    pub fn apply(&self, parts: &mut Parts, prefix: Option<MatchedPrefix>) {
+        if let Some(new_path) = self.path(parts.uri.path(), prefix) {
             let pq = match parts.uri.query() {
                 Some(q) => format!("{new_path}?{q}"),
                 None => new_path,
@@ -260,8 +279,8 @@ impl Redirect {
         })
     }
 
-    /// The `Location` for a request.
-    pub fn location(&self, parts: &Parts, prefix_len: Option<usize>) -> String {
+    /// The `Location` for a request; `prefix` is the path prefix the route matched.
+    pub fn location(&self, parts: &Parts, prefix: Option<MatchedPrefix>) -> String {
         let orig_scheme = request_scheme(parts);
         let scheme = self.scheme.as_deref().unwrap_or(orig_scheme);
         let orig_authority = request_authority(parts).unwrap_or_default();
@@ -287,16 +306,13 @@ impl Redirect {
                 Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
                 None => (uri.clone(), parts.uri.query().map(str::to_owned)),
             },
-            (None, Some(prefix)) => {
-                let rest = prefix_len
-                    .filter(|n| *n <= path.len() && path.is_char_boundary(*n))
-                    .map(|n| &path[n..])
-                    .unwrap_or("");
-                (
-                    format!("{prefix}{rest}"),
-                    parts.uri.query().map(str::to_owned),
-                )
-            }
+            (None, Some(with)) => (
+                match prefix {
+                    Some(p) => replace_prefix(path, p, with),
+                    None => with.clone(),
+                },
+                parts.uri.query().map(str::to_owned),
+            ),
             (None, None) => (path.to_owned(), parts.uri.query().map(str::to_owned)),
         };
         let mut out = format!("{scheme}://{host}");
@@ -312,8 +328,8 @@ impl Redirect {
     }
 
     /// The redirect response.
-    pub fn response(&self, parts: &Parts, prefix_len: Option<usize>) -> Response<Body> {
-        let location = self.location(parts, prefix_len);
+    pub fn response(&self, parts: &Parts, prefix: Option<MatchedPrefix>) -> Response<Body> {
+        let location = self.location(parts, prefix);
         let mut resp = Response::new(h::empty());
         *resp.status_mut() = self.code;
         if let Ok(v) = HeaderValue::from_str(&location) {
@@ -404,10 +420,17 @@ mod tests {
         assert_eq!(bad.expect_err("invalid").field, "ops.set");
     }
 
+    fn plain(len: usize) -> Option<MatchedPrefix> {
+        Some(MatchedPrefix {
+            len,
+            segments: false,
+        })
+    }
+
     #[test]
     fn prefix_rewrite_replaces_the_matched_prefix() {
         let r = rewrite("uri: /v2");
-        assert_eq!(r.path("/v1/users", Some(3)).as_deref(), Some("/v2/users"));
+        assert_eq!(r.path("/v1/users", plain(3)).as_deref(), Some("/v2/users"));
         assert_eq!(
             r.path("/exact", None).as_deref(),
             Some("/v2"),
@@ -415,13 +438,88 @@ mod tests {
         );
         let root = rewrite("uri: /");
         assert_eq!(
-            root.path("/api/x", Some(5)).as_deref(),
+            root.path("/api/x", plain(5)).as_deref(),
             Some("/x"),
             "prefix /api/ → /"
         );
+        assert_eq!(
+            root.path("/api/x", plain(4)).as_deref(),
+            Some("//x"),
+            "Istio's prefix rewrite is plain text, as Envoy's prefix_rewrite"
+        );
         let mut p = parts("http://svc:80/v1/users?id=7", None);
-        r.apply(&mut p, Some(3));
+        r.apply(&mut p, plain(3));
         assert_eq!(p.uri, "http://svc:80/v2/users?id=7", "query kept");
+    }
+
+    /// Matches `path` against a Gateway API `PathPrefix` as the route table does and returns
+    /// what it matched.
+    fn path_prefix(prefix: &str, path: &str) -> Option<MatchedPrefix> {
+        let m = crate::route::StrMatcher::compile(
+            &model::StringMatch::SegmentPrefix(prefix.into()),
+            false,
+            "m",
+        )
+        .expect("compiles");
+        assert!(m.matches(path), "{prefix} matches {path}");
+        m.matched_prefix()
+    }
+
+    #[test]
+    fn replace_prefix_match_follows_the_gateway_api() {
+        // The Gateway API's table for ReplacePrefixMatch, plus the cases of issue 6.
+        let table = [
+            ("/foo/bar", "/foo", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo", "/xyz/", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz/", "/xyz/bar"),
+            ("/foo", "/foo", "/xyz", "/xyz"),
+            ("/foo/", "/foo", "/xyz", "/xyz/"),
+            ("/foo/bar", "/foo", "", "/bar"),
+            ("/foo/", "/foo", "", "/"),
+            ("/foo", "/foo", "", "/"),
+            ("/foo/", "/foo", "/", "/"),
+            ("/foo", "/foo", "/", "/"),
+            ("/v2/x", "/v2", "/", "/x"),
+            ("/v2", "/v2", "/", "/"),
+            ("/foo/bar", "/foo", "/new", "/new/bar"),
+            ("/a/b", "/", "/c", "/c/a/b"),
+        ];
+        for (path, prefix, with, want) in table {
+            let matched = path_prefix(prefix, path);
+            // As a URLRewrite on a real request (query kept) ...
+            let r = Rewrite::compile(
+                &model::Rewrite {
+                    uri: Some(with.into()),
+                    ..Default::default()
+                },
+                "r",
+            )
+            .expect("compiles");
+            let mut p = parts(&format!("http://svc.ns:80{path}?q=1"), None);
+            r.apply(&mut p, matched);
+            assert_eq!(
+                p.uri.path_and_query().map(|pq| pq.as_str()),
+                Some(format!("{want}?q=1").as_str()),
+                "rewrite {path} (prefix {prefix:?}, replace {with:?})"
+            );
+            // ... and as a RequestRedirect.
+            let rd = Redirect::compile(
+                &model::Redirect {
+                    prefix: Some(with.into()),
+                    code: 302,
+                    ..Default::default()
+                },
+                "r",
+            )
+            .expect("compiles");
+            let p = parts(&format!("{path}?q=1"), Some("shop.example"));
+            assert_eq!(
+                rd.location(&p, matched),
+                format!("http://shop.example{want}?q=1"),
+                "redirect {path} (prefix {prefix:?}, replace {with:?})"
+            );
+        }
     }
 
     #[test]
@@ -474,7 +572,7 @@ mod tests {
             "https://secure.example:8443/old/page?q=1"
         );
         assert_eq!(
-            redirect("{prefix: /fresh}").location(&p, Some(4)),
+            redirect("{prefix: /fresh}").location(&p, plain(4)),
             "http://shop.example:8080/fresh/page?q=1"
         );
         assert_eq!(

@@ -61,6 +61,13 @@ pub enum StrMatcher {
         /// Compare case-insensitively.
         ignore_case: bool,
     },
+    /// Starts with whole `/`-separated segments (Gateway API `PathPrefix`).
+    SegmentPrefix {
+        /// The prefix without its trailing `/` (empty for `/`, which matches every path).
+        value: Box<str>,
+        /// Compare case-insensitively.
+        ignore_case: bool,
+    },
     /// Anchored regex.
     Regex(Regex),
 }
@@ -75,6 +82,10 @@ impl StrMatcher {
             },
             StringMatch::Prefix(v) => StrMatcher::Prefix {
                 value: v.as_str().into(),
+                ignore_case,
+            },
+            StringMatch::SegmentPrefix(v) => StrMatcher::SegmentPrefix {
+                value: v.trim_end_matches('/').into(),
                 ignore_case,
             },
             StringMatch::Regex(p) => StrMatcher::Regex(full_regex(p, ignore_case, field)?),
@@ -99,21 +110,50 @@ impl StrMatcher {
             StrMatcher::Prefix {
                 value,
                 ignore_case: true,
-            } => {
-                v.len() >= value.len()
-                    && v.as_bytes()[..value.len()].eq_ignore_ascii_case(value.as_bytes())
+            } => starts_with_ignore_case(v, value),
+            StrMatcher::SegmentPrefix { value, ignore_case } => {
+                let head = if *ignore_case {
+                    starts_with_ignore_case(v, value)
+                } else {
+                    v.starts_with(&**value)
+                };
+                // The prefix must end where a segment ends: at the end of the value or
+                // before a `/` (`/old` matches `/old/x`, not `/oldish`).
+                head && matches!(v.as_bytes().get(value.len()), None | Some(b'/'))
             }
             StrMatcher::Regex(re) => re.is_match(v),
         }
     }
 
-    /// Length of the matched prefix, for a prefix match (what a prefix rewrite replaces).
-    pub fn prefix_len(&self) -> Option<usize> {
+    /// The prefix a prefix match matched (what a prefix rewrite or redirect replaces).
+    pub fn matched_prefix(&self) -> Option<MatchedPrefix> {
         match self {
-            StrMatcher::Prefix { value, .. } => Some(value.len()),
+            StrMatcher::Prefix { value, .. } => Some(MatchedPrefix {
+                len: value.len(),
+                segments: false,
+            }),
+            StrMatcher::SegmentPrefix { value, .. } => Some(MatchedPrefix {
+                len: value.len(),
+                segments: true,
+            }),
             _ => None,
         }
     }
+}
+
+fn starts_with_ignore_case(v: &str, prefix: &str) -> bool {
+    v.len() >= prefix.len() && v.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+/// The path prefix a request's match matched, which prefix rewrites and redirects replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatchedPrefix {
+    /// Length of the matched prefix in bytes (without a trailing `/` for segment prefixes).
+    pub len: usize,
+    /// Whole segments were matched (Gateway API `PathPrefix`): the replacement follows
+    /// `ReplacePrefixMatch` (see [`crate::rewrite::replace_prefix`]); otherwise it is plain
+    /// text (Istio's `rewrite.uri` after a `prefix` match).
+    pub segments: bool,
 }
 
 /// Where a header condition reads its value.
@@ -349,9 +389,9 @@ impl CompiledMatch {
         self.headers.iter().all(|h| h.matches(parts)) && self.query.iter().all(|q| q.matches(parts))
     }
 
-    /// Length of the path prefix this match matched (for prefix rewrites and redirects).
-    pub fn prefix_len(&self) -> Option<usize> {
-        self.uri.as_ref().and_then(StrMatcher::prefix_len)
+    /// The path prefix this match matched (for prefix rewrites and redirects).
+    pub fn matched_prefix(&self) -> Option<MatchedPrefix> {
+        self.uri.as_ref().and_then(StrMatcher::matched_prefix)
     }
 }
 
@@ -580,9 +620,9 @@ pub struct Selection<'a> {
 }
 
 impl Selection<'_> {
-    /// Length of the path prefix the match matched.
-    pub fn prefix_len(&self) -> Option<usize> {
-        self.matched.and_then(CompiledMatch::prefix_len)
+    /// The path prefix the match matched.
+    pub fn matched_prefix(&self) -> Option<MatchedPrefix> {
+        self.matched.and_then(CompiledMatch::matched_prefix)
     }
 }
 
@@ -804,7 +844,13 @@ mod tests {
             "Istio prefix is textual"
         );
         assert!(!prefix.matches(&parts("/ap", &[]), 80));
-        assert_eq!(prefix.prefix_len(), Some(4));
+        assert_eq!(
+            prefix.matched_prefix(),
+            Some(MatchedPrefix {
+                len: 4,
+                segments: false
+            })
+        );
         let re = matcher("uri: {regex: '/v[0-9]+'}");
         assert!(re.matches(&parts("/v12", &[]), 80));
         assert!(
@@ -817,6 +863,42 @@ mod tests {
             !alt.matches(&parts("/a/c", &[]), 80),
             "anchoring wraps alternations"
         );
+    }
+
+    #[test]
+    fn segment_prefix_matches_whole_segments() {
+        let m = matcher("uri: {segmentPrefix: /old}");
+        for p in ["/old", "/old/", "/old/x", "/old/x/y", "/old?q=1"] {
+            assert!(m.matches(&parts(p, &[]), 80), "{p}");
+        }
+        for p in ["/oldish", "/old-x", "/ol", "/", "/x/old"] {
+            assert!(!m.matches(&parts(p, &[]), 80), "{p}");
+        }
+        assert_eq!(
+            m.matched_prefix(),
+            Some(MatchedPrefix {
+                len: 4,
+                segments: true
+            })
+        );
+        let slash = matcher("uri: {segmentPrefix: /old/}");
+        assert!(
+            slash.matches(&parts("/old", &[]), 80),
+            "trailing / of the prefix ignored"
+        );
+        assert!(slash.matches(&parts("/old/x", &[]), 80));
+        assert!(!slash.matches(&parts("/oldish", &[]), 80));
+        assert_eq!(slash.matched_prefix().map(|p| p.len), Some(4));
+        let root = matcher("uri: {segmentPrefix: /}");
+        for p in ["/", "/a", "/a/b/"] {
+            assert!(root.matches(&parts(p, &[]), 80), "{p}");
+        }
+        assert_eq!(root.matched_prefix().map(|p| p.len), Some(0));
+        let ic = matcher("{uri: {segmentPrefix: /API}, ignoreUriCase: true}");
+        assert!(ic.matches(&parts("/api/v1", &[]), 80));
+        assert!(!ic.matches(&parts("/apix", &[]), 80));
+        // The Istio kind next to it stays textual.
+        assert!(matcher("uri: {prefix: /old}").matches(&parts("/oldish", &[]), 80));
     }
 
     #[test]

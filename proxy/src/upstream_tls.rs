@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use weft_api::config::{self as model, ConfigError, UpstreamTlsMode};
 
+use crate::pool::ConnUses;
+
 /// Errors building an upstream TLS client.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamTlsError {
@@ -325,12 +327,13 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: TokioIo<TlsStream<TcpStream>>,
         h2: bool,
+        uses: ConnUses,
     }
 }
 
 impl Connection for TlsIo {
     fn connected(&self) -> Connected {
-        let c = Connected::new();
+        let c = Connected::new().extra(self.uses.clone());
         if self.h2 { c.negotiated_h2() } else { c }
     }
 }
@@ -409,6 +412,7 @@ impl tower::Service<Uri> for TlsConnector {
             Ok(TlsIo {
                 inner: TokioIo::new(stream),
                 h2,
+                uses: ConnUses::default(),
             })
         })
     }

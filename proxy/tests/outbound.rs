@@ -81,17 +81,37 @@ struct Harness {
 async fn harness(yaml: &str) -> Harness {
     let settings = Settings::from_source(None, |_| None).expect("settings");
     let proxy = Proxy::new(settings);
-    proxy.apply(Config::compile(Snapshot::from_yaml(yaml).expect("yaml")).expect("valid config"));
+    proxy.apply(config(yaml));
+    let addr = listen(&proxy, VIP).await;
+    Harness { proxy, addr }
+}
+
+fn config(yaml: &str) -> Config {
+    Config::compile(Snapshot::from_yaml(yaml).expect("yaml")).expect("valid config")
+}
+
+/// A local port whose connections the proxy handles as if redirected from `dst`.
+async fn listen(proxy: &Arc<Proxy>, dst: &str) -> SocketAddr {
+    let dst: SocketAddr = dst.parse().expect("dst");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let p = proxy.clone();
     tokio::spawn(async move {
         while let Ok((stream, client)) = listener.accept().await {
-            let dst: SocketAddr = VIP.parse().expect("vip");
             tokio::spawn(outbound::serve_connection(p.clone(), stream, client, dst));
         }
     });
-    Harness { proxy, addr }
+    addr
+}
+
+/// The value of counter `kind` of `weft_upstream_retries_total` for cluster `main`.
+fn retries_metric(metrics: &str, kind: &str) -> usize {
+    let prefix = format!("weft_upstream_retries_total{{cluster=\"main\",kind=\"{kind}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().expect("a count"))
+        .unwrap_or(0)
 }
 
 impl Harness {
@@ -221,24 +241,55 @@ async fn retries_turn_a_half_failing_upstream_into_success() {
     let ok = ok.load(Ordering::SeqCst);
     assert!(ok * 100 >= N * 99, "{ok} of {N} succeeded: {}", h.metrics());
     let total = hits.load(Ordering::SeqCst);
-    assert!(total <= N * 6, "at most 1 + 5 tries per request: {total}");
     let m = h.metrics();
+    let retried = retries_metric(&m, "retried");
+    assert_eq!(
+        total,
+        N + retried,
+        "every extra try is a counted retry: {m}"
+    );
+    // The upstream alternates 503 and 200 and a request stops at its first 200, so the 200s
+    // are exactly the successful requests and the 503s as many (or one more): every failed
+    // try was retried, and nothing was retried after a success.
     assert!(
-        m.contains("weft_upstream_retries_total{cluster=\"main\",kind=\"retried\"}"),
-        "{m}"
+        (2 * ok..=2 * ok + 1).contains(&total),
+        "{total} tries for {ok} successes: {m}"
     );
 }
 
 #[tokio::test]
 async fn the_retry_budget_bounds_retries() {
     // Always failing, slow enough that requests overlap: with a budget of 0% and one
-    // concurrent retry, most requests get no retry at all.
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h2 = hits.clone();
+    // concurrent retry, retries never overlap one another.
+    const N: usize = 20;
+    const SLOW: Duration = Duration::from_millis(200);
+    #[derive(Default)]
+    struct Seen {
+        arrivals: usize,
+        retries_in_flight: usize,
+        max_retries_in_flight: usize,
+    }
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let s2 = seen.clone();
     let failing = server(move |_req| {
-        h2.fetch_add(1, Ordering::SeqCst);
+        let seen = s2.clone();
         async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // All first tries arrive at once; a retry only after a first try failed (200 ms
+            // later), so arrivals after the N-th are retries.
+            let retry = {
+                let mut s = seen.lock().expect("lock");
+                s.arrivals += 1;
+                let retry = s.arrivals > N;
+                if retry {
+                    s.retries_in_flight += 1;
+                    s.max_retries_in_flight = s.max_retries_in_flight.max(s.retries_in_flight);
+                }
+                retry
+            };
+            tokio::time::sleep(SLOW).await;
+            if retry {
+                seen.lock().expect("lock").retries_in_flight -= 1;
+            }
             let mut r = Response::new(full("no"));
             *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
             r
@@ -253,7 +304,6 @@ async fn the_retry_budget_bounds_retries() {
           retries: {attempts: 5, retryOn: [gateway-error]}"#;
     let extra = "  retryBudget: {percent: 0, minConcurrency: 1}";
     let h = harness(&snapshot(&[failing], extra, routes, "")).await;
-    const N: usize = 20;
     let client = h.client();
     let futs: Vec<_> = (0..N)
         .map(|_| client.request(h.request("GET", "/", &[])))
@@ -261,16 +311,26 @@ async fn the_retry_budget_bounds_retries() {
     for r in futures_util::future::join_all(futs).await {
         assert_eq!(r.expect("response").status(), 503);
     }
-    let total = hits.load(Ordering::SeqCst);
-    assert!(
-        total < N * 6,
-        "budget kept tries under 6 per request: {total}"
+    let seen = seen.lock().expect("lock");
+    let m = h.metrics();
+    let retried = retries_metric(&m, "retried");
+    assert_eq!(
+        seen.arrivals,
+        N + retried,
+        "every extra try is a counted retry: {m}"
     );
+    assert!(retried >= 1, "minConcurrency admits a retry: {m}");
+    assert_eq!(
+        seen.max_retries_in_flight, 1,
+        "the budget (0% of active, at least 1) allows one retry in flight at a time"
+    );
+    // Without the budget every request would retry 5 times; each refused retry ended a
+    // request, and each request retried at most until its first refusal.
+    let refused = retries_metric(&m, "budget_exhausted");
+    assert_eq!(refused + retries_metric(&m, "attempts_exhausted"), N, "{m}");
     assert!(
-        h.metrics()
-            .contains("weft_upstream_retries_total{cluster=\"main\",kind=\"budget_exhausted\"}"),
-        "{}",
-        h.metrics()
+        retried < N,
+        "{retried} retries: the budget did not bound them: {m}"
     );
 }
 
@@ -556,7 +616,8 @@ async fn failing_endpoints_are_ejected_and_return() {
         r
     })
     .await;
-    let od = "  outlierDetection: {consecutive5xxErrors: 2, intervalMs: 100, baseEjectionTimeMs: 1500, maxEjectionPercent: 50}";
+    // Round robin, so that the bad endpoint takes every other request until ejected.
+    let od = "  loadBalancer: {policy: ROUND_ROBIN}\n  outlierDetection: {consecutive5xxErrors: 2, intervalMs: 100, baseEjectionTimeMs: 1500, maxEjectionPercent: 50}";
     let h = harness(&snapshot(&[good, bad], od, "", "")).await;
     let mut errors = 0;
     for _ in 0..6 {
@@ -893,4 +954,438 @@ async fn a_reload_keeps_endpoint_state_and_in_flight_requests() {
     assert_eq!(resp.status(), 200);
     let _ = resp.into_body().collect().await;
     assert_eq!(h.get("/", &[]).await.0, 200);
+}
+
+#[tokio::test]
+async fn endpoint_churn_keeps_in_flight_requests_and_new_endpoints_take_traffic() {
+    let old = server(|_req| async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let mut r = Response::new(full("old"));
+        r.headers_mut()
+            .insert("x-backend", "old".parse().expect("value"));
+        r
+    })
+    .await;
+    let new = named("new").await;
+    let h = harness(&snapshot(&[old], "", "", "")).await;
+    let client = h.client();
+    // A slow request to the endpoint about to leave.
+    let in_flight = tokio::spawn(client.request(h.request("GET", "/", &[])));
+    // Steady traffic across the change, one request at a time per client.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let client = h.client();
+        let stop = stop.clone();
+        let reqs: Vec<_> = (0..1000).map(|_| h.request("GET", "/", &[])).collect();
+        load.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for req in reqs {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let resp = client.request(req).await.expect("response");
+                let status = resp.status();
+                let backend = resp
+                    .headers()
+                    .get("x-backend")
+                    .map(|v| v.to_str().expect("ascii").to_owned());
+                let _ = resp.into_body().collect().await;
+                seen.push((status, backend));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The old endpoint leaves the config, a new one joins.
+    h.proxy.apply(config(&snapshot(&[new], "", "", "")));
+    let resp = in_flight
+        .await
+        .expect("task")
+        .expect("the in-flight request survived the change");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backend"], "old");
+    assert_eq!(
+        resp.into_body().collect().await.expect("body").to_bytes(),
+        "old"
+    );
+    let (status, headers, _) = h.get("/", &[]).await;
+    assert_eq!(
+        (status, &headers["x-backend"]),
+        (StatusCode::OK, &"new".parse().expect("v"))
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut new_seen = 0;
+    for task in load {
+        let seen = task.await.expect("load task");
+        assert!(
+            seen.iter().all(|(status, _)| *status == 200),
+            "no request failed across the change: {seen:?}"
+        );
+        // Requests to the old endpoint came first; once a client saw the new one, it stayed.
+        let first_new = seen.iter().position(|(_, b)| b.as_deref() == Some("new"));
+        let first_new = first_new.expect("every client reached the new endpoint");
+        assert!(
+            seen[first_new..]
+                .iter()
+                .all(|(_, b)| b.as_deref() == Some("new")),
+            "{seen:?}"
+        );
+        new_seen += seen.len() - first_new;
+    }
+    assert!(new_seen >= 3, "the new endpoint took the traffic");
+}
+
+/// A TCP server that sends `tag` as soon as a client connects, then closes.
+async fn tagging_tcp_server(tag: &'static [u8]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(tag).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn tcp_routes_by_port_with_weights() {
+    let (a, b, c) = (
+        tagging_tcp_server(b"A").await,
+        tagging_tcp_server(b"B").await,
+        tagging_tcp_server(b"C").await,
+    );
+    let yaml = format!(
+        r#"
+services:
+- hostname: db.test
+  vips: [10.96.0.1]
+  ports:
+  - port: 5432
+    protocol: tcp
+    cluster: c
+    tcpRoutes:
+    - matches: [{{port: 6379}}]
+      destinations: [{{cluster: c}}]
+    - matches: [{{port: 5432}}]
+      destinations: [{{cluster: a, weight: 75}}, {{cluster: b, weight: 25}}]
+  - port: 6379
+    protocol: tcp
+    cluster: a
+    tcpRoutes:
+    - matches: [{{port: 6379}}]
+      destinations: [{{cluster: c}}]
+clusters:
+- name: a
+  endpoints: [{}]
+- name: b
+  endpoints: [{}]
+- name: c
+  endpoints: [{}]
+"#,
+        ep(a),
+        ep(b),
+        ep(c)
+    );
+    let settings = Settings::from_source(None, |_| None).expect("settings");
+    let proxy = Proxy::new(settings);
+    proxy.apply(config(&yaml));
+    let postgres = listen(&proxy, "10.96.0.1:5432").await;
+    let redis = listen(&proxy, "10.96.0.1:6379").await;
+    async fn tag(addr: SocketAddr) -> Vec<u8> {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
+        got
+    }
+    const N: usize = 400;
+    let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
+    for _ in 0..N {
+        *counts.entry(tag(postgres).await).or_default() += 1;
+    }
+    assert_eq!(
+        counts.get(b"C".as_slice()),
+        None,
+        "the 6379 route does not apply to 5432: {counts:?}"
+    );
+    let share_a = counts.get(b"A".as_slice()).copied().unwrap_or(0) * 100 / N;
+    assert!(
+        (67..=83).contains(&share_a),
+        "75/25 split gave {share_a}% to a: {counts:?}"
+    );
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        N,
+        "every connection reached a backend: {counts:?}"
+    );
+    for _ in 0..20 {
+        assert_eq!(tag(redis).await, b"C", "port 6379 has its own route");
+    }
+}
+
+/// One HTTP/1.1 GET through the harness from source address `from`; the backend's name.
+async fn get_from(h: &Harness, from: std::net::IpAddr, path: &str) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .expect("bind a loopback source address");
+    let stream = socket.connect(h.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(path)
+        .header("host", "svc.test:80")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    resp.headers()["x-backend"]
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn consistent_hash_by_source_ip_sticks() {
+    let backends = [named("a").await, named("b").await, named("c").await];
+    let lb = "  loadBalancer: {consistentHash: {key: sourceIp}}";
+    let h = harness(&snapshot(&backends, lb, "", "")).await;
+    let mut by_ip: HashMap<std::net::IpAddr, String> = HashMap::new();
+    for round in 0..3 {
+        for last in 2..26u8 {
+            let ip = std::net::IpAddr::from([127, 0, 0, last]);
+            // A new connection each time: only the address ties the requests together.
+            let backend = get_from(&h, ip, "/").await;
+            match by_ip.get(&ip) {
+                Some(b) => assert_eq!(*b, backend, "{ip} moved in round {round}"),
+                None => {
+                    by_ip.insert(ip, backend);
+                }
+            }
+        }
+    }
+    let distinct: std::collections::HashSet<_> = by_ip.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "sources spread over backends: {by_ip:?}"
+    );
+}
+
+#[tokio::test]
+async fn consistent_hash_by_query_parameter_sticks() {
+    let backends = [named("a").await, named("b").await, named("c").await];
+    let lb = "  loadBalancer: {consistentHash: {key: {queryParameter: user}, algorithm: {ring: {minRingSize: 2048}}}}";
+    let h = harness(&snapshot(&backends, lb, "", "")).await;
+    let mut by_user: HashMap<String, String> = HashMap::new();
+    for round in 0..3 {
+        for u in 0..24 {
+            // Other parameters around it change nothing.
+            let path = format!("/items?page={round}&user=u{u}&sort=x{round}");
+            let (status, headers, _) = h.get(&path, &[]).await;
+            assert_eq!(status, 200);
+            let backend = headers["x-backend"].to_str().expect("ascii").to_owned();
+            match by_user.get(&format!("u{u}")) {
+                Some(b) => assert_eq!(*b, backend, "u{u} moved in round {round}"),
+                None => {
+                    by_user.insert(format!("u{u}"), backend);
+                }
+            }
+        }
+    }
+    let distinct: std::collections::HashSet<_> = by_user.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "users spread over backends: {by_user:?}"
+    );
+}
+
+/// A certificate authority and what it signs, for upstream TLS tests.
+struct TestCa {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "weft test ca");
+        let cert = params.self_signed(&key).expect("self-signed");
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// `(certificate PEM, key PEM)` for `dns` (a server) or a client named `cn`.
+    fn leaf(&self, dns: &[&str], cn: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(dns.iter().map(|d| (*d).to_owned()).collect::<Vec<_>>())
+                .expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn der(pem: &str) -> rustls::pki_types::CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem")
+}
+
+/// An HTTPS server that requires a client certificate issued by `ca` and answers with the
+/// number of certificates the client presented.
+async fn mtls_server(ca: &TestCa) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let (cert, key) = ca.leaf(&["api.example.com"], "api");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(&ca.pem)).expect("root");
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("client verifier");
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![der(&cert)],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key"),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let presented = tls.get_ref().1.peer_certificates().map_or(0, <[_]>::len);
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let mut r = Response::new(full(format!("client certs: {presented}")));
+                    r.headers_mut()
+                        .insert("echo-host", host.parse().expect("value"));
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn mutual_tls_to_an_upstream_outside_the_mesh() {
+    let ca = TestCa::new();
+    let upstream = mtls_server(&ca).await;
+    let (client_cert, client_key) = ca.leaf(&[], "weft client");
+    let tls = |mode: &str, with_cert: bool| {
+        let mut t = format!(
+            "  tls: {{mode: {mode}, sni: api.example.com, caCertificates: {}",
+            serde_json::to_string(&ca.pem).expect("json")
+        );
+        if with_cert {
+            t.push_str(&format!(
+                ", clientCertificate: {}, privateKey: {}",
+                serde_json::to_string(&client_cert).expect("json"),
+                serde_json::to_string(&client_key).expect("json")
+            ));
+        }
+        t.push('}');
+        t
+    };
+    let h = harness(&snapshot(&[upstream], &tls("MUTUAL", true), "", "")).await;
+    for _ in 0..3 {
+        let (status, headers, body) = h.get("/x", &[]).await;
+        assert_eq!(status, 200, "{body:?}");
+        assert_eq!(
+            body, "client certs: 1",
+            "the client certificate was presented"
+        );
+        assert_eq!(
+            headers["echo-host"], "svc.test:80",
+            "the app's Host is kept"
+        );
+    }
+    // The same server refuses a client without a certificate (SIMPLE).
+    let h = harness(&snapshot(&[upstream], &tls("SIMPLE", false), "", "")).await;
+    let (status, _, body) = h.get("/x", &[]).await;
+    assert_eq!(status, 503, "{body:?}");
+}
+
+#[tokio::test]
+async fn max_requests_per_connection_retires_http1_connections() {
+    // Requests seen per upstream connection (by the proxy's source port).
+    let per_conn: Arc<Mutex<HashMap<SocketAddr, usize>>> = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    let pc = per_conn.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let pc = pc.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    *pc.lock().expect("lock").entry(peer).or_default() += 1;
+                    async { Ok::<_, Infallible>(Response::new(full("ok"))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    for (limit, requests) in [(3usize, 9usize), (2, 7)] {
+        per_conn.lock().expect("lock").clear();
+        let pool = format!("  connectionPool: {{maxRequestsPerConnection: {limit}}}");
+        let h = harness(&snapshot(&[upstream], &pool, "", "")).await;
+        for _ in 0..requests {
+            assert_eq!(h.get("/", &[]).await.0, 200);
+            // Let the connection go back to the pool before the next request.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let counts: Vec<usize> = per_conn.lock().expect("lock").values().copied().collect();
+        assert_eq!(counts.iter().sum::<usize>(), requests);
+        assert!(
+            counts.iter().all(|c| *c <= limit),
+            "no connection carried more than {limit}: {counts:?}"
+        );
+        assert!(
+            counts.contains(&limit),
+            "connections are reused up to the limit: {counts:?}"
+        );
+        assert!(counts.len() >= requests.div_ceil(limit), "{counts:?}");
+    }
 }

@@ -12,10 +12,12 @@
 //! What a proxy sees: every service exported to its namespace (`exportTo`, the Service
 //! annotation `networking.istio.io/exportTo`) that its `Sidecar` egress hosts allow; a
 //! cluster per service port and per DestinationRule subset; routes whose `sourceLabels`,
-//! `sourceNamespace` and `gateways` match this proxy. Several VirtualServices for one host are
-//! merged oldest first (creation time, then namespace/name), as Istio merges them on gateways;
-//! a VirtualService wins over an HTTPRoute, which wins over a TrafficSplit, for one service
-//! (`weft-webhook validate` reports both conflicts).
+//! `sourceNamespace`, `gateways` and `sourceSubnet` match this proxy. One service takes its
+//! routes from one resource, as an Istio sidecar does: among several VirtualServices for a
+//! host the most specific host, then the oldest (creation time, then namespace/name); among
+//! that VirtualService, the HTTPRoutes / GRPCRoutes attached to the service and its
+//! TrafficSplits, the oldest. What loses is logged at warn with both names, and
+//! `weft-webhook validate` reports every such conflict.
 
 pub mod gamma;
 pub mod inbound;
@@ -59,7 +61,16 @@ pub struct Index {
     /// `sourceLabels`, Sidecar and DestinationRule `workloadSelector`): proxies of one
     /// namespace that agree on these have the same [`Outbound`].
     pub outbound_label_keys: BTreeSet<String>,
+    /// Some VirtualService tcp match has a `sourceSubnet`: the proxy's address is part of
+    /// what its [`Outbound`] depends on.
+    pub outbound_depends_on_ip: bool,
+    /// Age rank of every config resource (0 the oldest), by the address of its `Arc`.
+    ages: HashMap<usize, usize>,
 }
+
+/// The key under which [`Index::outbound_key`] records the proxy's address. A label key
+/// cannot start with `:`, so it never collides with a label.
+const IP_KEY: &str = ":ip";
 
 impl Index {
     /// Builds the index of `resources`.
@@ -71,8 +82,9 @@ impl Index {
                 .then_with(|| (&ka.1, &ka.2).cmp(&(&kb.1, &kb.2)))
         });
         let mut index = Index::default();
-        for (_, entry) in configs {
+        for (age, (_, entry)) in configs.into_iter().enumerate() {
             let r = entry.resource.clone();
+            index.ages.insert(Arc::as_ptr(&r) as usize, age);
             match &*r {
                 AnyResource::VirtualService(_) => index.virtual_services.push(r),
                 AnyResource::DestinationRule(_) => index.destination_rules.push(r),
@@ -84,6 +96,15 @@ impl Index {
             }
         }
         index.outbound_label_keys = outbound_label_keys(&index);
+        index.outbound_depends_on_ip = index.virtual_services.iter().any(|r| match &**r {
+            AnyResource::VirtualService(vs) => vs
+                .spec
+                .tcp
+                .iter()
+                .flat_map(|t| t.r#match.iter())
+                .any(|m| m.source_subnet.as_deref().is_some_and(|s| !s.is_empty())),
+            _ => false,
+        });
         index.services = registry::build(resources, &index);
         index.by_host = index
             .services
@@ -99,17 +120,31 @@ impl Index {
         self.by_host.get(hostname).map(|i| &self.services[*i])
     }
 
-    /// What a proxy's [`Outbound`] depends on: its namespace and the labels selectors use.
+    /// How old a config resource of this index is relative to the others: 0 for the oldest
+    /// (creation time, then namespace/name). A resource not in the index counts as newest.
+    pub fn age(&self, resource: &Arc<AnyResource>) -> usize {
+        self.ages
+            .get(&(Arc::as_ptr(resource) as usize))
+            .copied()
+            .unwrap_or(usize::MAX)
+    }
+
+    /// What a proxy's [`Outbound`] depends on: its namespace, the labels selectors use, and
+    /// its address when a `sourceSubnet` looks at it (under the key `:ip`).
     pub fn outbound_key(&self, proxy: &ProxyRef) -> (String, BTreeMap<String, String>) {
-        (
-            proxy.namespace.clone(),
-            proxy
-                .labels
-                .iter()
-                .filter(|(k, _)| self.outbound_label_keys.contains(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
+        let mut labels: BTreeMap<String, String> = proxy
+            .labels
+            .iter()
+            .filter(|(k, _)| self.outbound_label_keys.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if self.outbound_depends_on_ip {
+            labels.insert(
+                IP_KEY.to_owned(),
+                proxy.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            );
+        }
+        (proxy.namespace.clone(), labels)
     }
 }
 
@@ -193,8 +228,8 @@ pub fn workload(proxy: &ProxyRef) -> Workload {
     }
 }
 
-/// What a proxy may call. Depends on the proxy only through its namespace and labels, so
-/// callers may share it between proxies with equal ones.
+/// What a proxy may call. Depends on the proxy only through [`Index::outbound_key`], so
+/// callers may share it between proxies with equal keys.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Outbound {
     /// Services with their routes.

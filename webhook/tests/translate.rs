@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 use weft_api::config::{
@@ -374,6 +375,58 @@ spec:
 }
 
 #[test]
+fn least_request_is_the_default_load_balancer() {
+    let r = with(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: server, namespace: a}
+spec:
+  host: server
+  trafficPolicy:
+    loadBalancer: {simple: UNSPECIFIED}
+    portLevelSettings: [{port: {number: 7000}, loadBalancer: {simple: ROUND_ROBIN}}]
+  subsets:
+  - {name: v1, labels: {version: v1}, trafficPolicy: {connectionPool: {tcp: {maxConnections: 5}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: client, namespace: a}
+spec:
+  host: client
+  trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}
+"#,
+    );
+    let s = translate(&r, &proxy(&r, "a", "client"));
+    let policy = |name: &str| cluster(&s, name).load_balancer.policy;
+    assert_eq!(
+        policy("outbound|80||server.a.svc.cluster.local"),
+        LbPolicy::LeastRequest,
+        "UNSPECIFIED"
+    );
+    assert_eq!(
+        policy("outbound|80|v1|server.a.svc.cluster.local"),
+        LbPolicy::LeastRequest,
+        "a subset without loadBalancer"
+    );
+    assert_eq!(
+        policy("outbound|7000||server.a.svc.cluster.local"),
+        LbPolicy::RoundRobin,
+        "asked for"
+    );
+    assert_eq!(
+        policy("outbound|8080||client.a.svc.cluster.local"),
+        LbPolicy::LeastRequest,
+        "LEAST_CONN is LEAST_REQUEST's old name"
+    );
+    assert_eq!(
+        policy("outbound|80||open.b.svc.cluster.local"),
+        LbPolicy::LeastRequest,
+        "no DestinationRule"
+    );
+}
+
+#[test]
 fn export_to_hides_services_and_rules() {
     let r = with(
         r#"
@@ -407,7 +460,8 @@ spec: {host: open, exportTo: [b], trafficPolicy: {loadBalancer: {simple: RANDOM}
         cluster(&client, "outbound|80||open.b.svc.cluster.local")
             .load_balancer
             .policy,
-        LbPolicy::RoundRobin
+        LbPolicy::LeastRequest,
+        "Istio's default"
     );
     let other = translate(&r, &proxy(&r, "b", "other"));
     assert!(
@@ -565,7 +619,13 @@ spec:
     );
     assert_eq!(
         routes[1].matches[0].uri,
-        Some(StringMatch::Prefix("/v2".into()))
+        Some(StringMatch::SegmentPrefix("/v2".into())),
+        "PathPrefix matches whole segments"
+    );
+    assert_eq!(
+        routes[2].matches[0].uri,
+        Some(StringMatch::SegmentPrefix("/".into())),
+        "a rule without matches matches every path"
     );
     assert_eq!(routes[1].request_headers.set["x-version"], "v2");
     assert_eq!(routes[1].request_headers.remove, ["x-debug"]);
@@ -592,6 +652,76 @@ spec:
     assert_eq!(routes[2].response_headers.add["x-served-by"], "mesh");
     // The tcp port is not attached (parentRef port 80).
     assert!(find_port(&s, SERVER, 7000).http_routes.is_empty());
+}
+
+#[test]
+fn grpc_route_matches_and_filters() {
+    let r = with(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: api, namespace: a}
+spec:
+  parentRefs: [{group: "", kind: Service, name: client, port: 8080}]
+  rules:
+  - matches: [{method: {service: helloworld.Greeter, method: SayHello}, headers: [{name: X-Tenant, value: acme}]}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: X-Route, value: grpc}], add: [{name: x-trace, value: "1"}], remove: [X-Debug]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-served-by, value: mesh}]}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: server-v2, port: 80}}
+    backendRefs:
+    - name: server
+      port: 80
+      weight: 3
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-backend, value: server}]}}]
+    - {name: server-v2, port: 80, weight: 1}
+  - matches: [{method: {service: helloworld.Greeter}}]
+    backendRefs: [{name: server-v2, port: 80}]
+"#,
+    );
+    let s = translate(&r, &proxy(&r, "b", "other"));
+    let routes = &find_port(&s, "client.a.svc.cluster.local", 8080).http_routes;
+    assert_eq!(routes.len(), 2, "{routes:#?}");
+    let say_hello = &routes[0];
+    assert_eq!(
+        say_hello.matches[0].uri,
+        Some(StringMatch::Exact("/helloworld.Greeter/SayHello".into()))
+    );
+    assert_eq!(say_hello.matches[0].headers[0].name, "x-tenant");
+    assert_eq!(say_hello.request_headers.set["x-route"], "grpc");
+    assert_eq!(say_hello.request_headers.add["x-trace"], "1");
+    assert_eq!(say_hello.request_headers.remove, ["x-debug"]);
+    assert_eq!(say_hello.response_headers.set["x-served-by"], "mesh");
+    let HttpAction::Forward(f) = &say_hello.action else {
+        panic!("{say_hello:#?}")
+    };
+    assert_eq!(
+        f.mirrors[0].cluster,
+        "outbound|80||server-v2.a.svc.cluster.local"
+    );
+    assert_eq!(
+        f.destinations
+            .iter()
+            .map(|d| (d.cluster.as_str(), d.weight))
+            .collect::<Vec<_>>(),
+        [
+            ("outbound|80||server.a.svc.cluster.local", 3),
+            ("outbound|80||server-v2.a.svc.cluster.local", 1)
+        ]
+    );
+    assert_eq!(
+        f.destinations[0].request_headers.set["x-backend"], "server",
+        "backendRef filters"
+    );
+    assert!(f.destinations[1].request_headers.set.is_empty());
+    assert_eq!(
+        routes[1].matches[0].uri,
+        Some(StringMatch::Prefix("/helloworld.Greeter/".into())),
+        "a service match is a prefix of whole segments already"
+    );
 }
 
 #[test]
@@ -629,6 +759,31 @@ spec:
         .expect("the missing server-v2:7000 is an empty cluster, not a dangling name");
 }
 
+/// Captures what the translator logs (at warn and above) while `f` runs.
+fn warnings<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&sink.0.lock().expect("lock")).into_owned();
+    (out, text)
+}
+
 #[test]
 fn delegates_and_several_virtual_services() {
     let r = with(
@@ -659,9 +814,13 @@ spec:
   http: [{directResponse: {status: 503, body: {string: down}}}]
 "#,
     );
-    let s = translate(&r, &proxy(&r, "a", "client"));
+    let (s, logs) = warnings(|| translate(&r, &proxy(&r, "a", "client")));
     let routes = &find_port(&s, SERVER, 80).http_routes;
-    assert_eq!(routes.len(), 3, "{routes:#?}");
+    assert_eq!(
+        routes.len(),
+        2,
+        "the oldest VirtualService only: {routes:#?}"
+    );
     assert_eq!(
         routes[0].matches[0].uri,
         Some(StringMatch::Prefix("/shop".into()))
@@ -672,7 +831,299 @@ spec:
         Some(StringMatch::Prefix("/shop".into()))
     );
     assert!(
-        matches!(&routes[2].action, HttpAction::DirectResponse(d) if d.status == 503 && d.body.as_deref() == Some("down"))
+        logs.contains("WARN")
+            && logs.contains("VirtualService/a/root")
+            && logs.contains("VirtualService/a/later"),
+        "both names at warn: {logs}"
+    );
+}
+
+#[test]
+fn the_most_specific_then_the_oldest_virtual_service_applies() {
+    let r = with(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: wide, namespace: a}
+spec:
+  hosts: ["*.a.svc.cluster.local"]
+  http: [{directResponse: {status: 418}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: exact, namespace: b}
+spec:
+  hosts: [server.a.svc.cluster.local]
+  http: [{directResponse: {status: 200}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: short, namespace: a}
+spec:
+  hosts: [server]
+  http: [{directResponse: {status: 201}}]
+"#,
+    );
+    let (s, logs) = warnings(|| translate(&r, &proxy(&r, "a", "client")));
+    let status = |host: &str, port: u16| match &find_port(&s, host, port).http_routes[..] {
+        [route] => match &route.action {
+            HttpAction::DirectResponse(d) => d.status,
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{host}: {other:#?}"),
+    };
+    assert_eq!(
+        status(SERVER, 80),
+        200,
+        "an exact host beats a wildcard; the FQDN from b is older than the short name in a"
+    );
+    assert_eq!(
+        status("server-v2.a.svc.cluster.local", 80),
+        418,
+        "the wildcard still covers the other services"
+    );
+    for name in [
+        "VirtualService/b/exact",
+        "VirtualService/a/short",
+        "VirtualService/a/wide",
+    ] {
+        assert!(logs.contains(name), "{name}: {logs}");
+    }
+}
+
+#[test]
+fn nested_delegation_is_refused_and_the_rest_translated() {
+    let r = with(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: root, namespace: a}
+spec:
+  hosts: [server]
+  http:
+  - match: [{uri: {prefix: /self}}]
+    delegate: {name: selfish}
+  - match: [{uri: {prefix: /loop}}]
+    delegate: {name: ping}
+  - route: [{destination: {host: server}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: selfish, namespace: a}
+spec:
+  http:
+  - match: [{uri: {prefix: /self/again}}]
+    delegate: {name: selfish}
+  - route: [{destination: {host: server-v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ping, namespace: a}
+spec:
+  http: [{delegate: {name: pong}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: pong, namespace: a}
+spec:
+  http: [{delegate: {name: ping}}]
+"#,
+    );
+    let (s, logs) = warnings(|| translate(&r, &proxy(&r, "a", "client")));
+    s.validate().expect("valid");
+    let routes = &find_port(&s, SERVER, 80).http_routes;
+    assert_eq!(routes.len(), 2, "{routes:#?}");
+    assert_eq!(
+        routes[0].matches[0].uri,
+        Some(StringMatch::Prefix("/self".into())),
+        "the self-delegating route is dropped, the delegate's other route kept"
+    );
+    let HttpAction::Forward(f) = &routes[0].action else {
+        panic!("{routes:#?}")
+    };
+    assert_eq!(
+        f.destinations[0].cluster,
+        "outbound|80||server-v2.a.svc.cluster.local"
+    );
+    assert!(
+        routes[1].matches.is_empty(),
+        "the root's last route survives"
+    );
+    assert!(
+        logs.contains("VirtualService/a/selfish") && logs.contains("VirtualService/a/ping"),
+        "warnings name the VirtualServices: {logs}"
+    );
+}
+
+#[test]
+fn the_oldest_routing_resource_of_a_service_applies() {
+    const ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server, namespace: a}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules: [{backendRefs: [{name: server-v2, port: 80}]}]
+"#;
+    const SPLIT: &str = r#"
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: {name: first, namespace: a}
+spec:
+  service: server
+  backends: [{service: server, weight: 50}, {service: server-v2, weight: 50}]
+"#;
+    const SPLIT2: &str = r#"
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: {name: second, namespace: a}
+spec:
+  service: server
+  backends: [{service: server-v2, weight: 1}]
+"#;
+    const VS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: server, namespace: a}
+spec:
+  hosts: [server]
+  http: [{directResponse: {status: 204}}]
+"#;
+    let first_route = |docs: &[&str]| {
+        let r = with(&docs.join("\n---\n"));
+        warnings(|| {
+            let s = translate(&r, &proxy(&r, "a", "client"));
+            find_port(&s, SERVER, 80).http_routes[0].clone()
+        })
+    };
+    // HTTPRoute older than the TrafficSplit.
+    let (route, logs) = first_route(&[ROUTE, SPLIT]);
+    assert_eq!(route.name, "a.server.0");
+    assert!(
+        logs.contains("HTTPRoute/a/server") && logs.contains("TrafficSplit/a/first"),
+        "{logs}"
+    );
+    // TrafficSplits: the oldest, then the HTTPRoute loses to it.
+    let (route, logs) = first_route(&[SPLIT, SPLIT2, ROUTE]);
+    assert_eq!(route.name, "trafficsplit");
+    let HttpAction::Forward(f) = &route.action else {
+        panic!("{route:#?}")
+    };
+    assert_eq!(f.destinations.len(), 2, "the first split: {route:#?}");
+    assert!(logs.contains("TrafficSplit/a/second"), "{logs}");
+    assert!(logs.contains("HTTPRoute/a/server"), "{logs}");
+    // A VirtualService younger than the HTTPRoute loses too; older, it wins.
+    let (route, logs) = first_route(&[ROUTE, VS]);
+    assert_eq!(route.name, "a.server.0");
+    assert!(logs.contains("VirtualService/a/server"), "{logs}");
+    let (route, _) = first_route(&[VS, ROUTE]);
+    assert!(
+        matches!(route.action, HttpAction::DirectResponse(ref d) if d.status == 204),
+        "{route:#?}"
+    );
+}
+
+#[test]
+fn tcp_and_tls_routes_by_port_sni_weight_and_source_subnet() {
+    let r = with(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: edge, namespace: a}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app: server}
+  ports: [{name: tls, port: 443, targetPort: 9000}, {name: tcp-db, port: 5432, targetPort: 9000}, {name: tcp-cache, port: 6379, targetPort: 9000}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: edge, namespace: a}
+spec:
+  hosts: [edge]
+  tls:
+  - match: [{port: 443, sniHosts: ["*.api.example", "www.example"]}]
+    route:
+    - {destination: {host: server, port: {number: 7000}}, weight: 70}
+    - {destination: {host: server-v2, port: {number: 80}}, weight: 30}
+  tcp:
+  - match: [{port: 5432, sourceSubnet: "10.44.0.3"}]
+    route: [{destination: {host: server-v2, port: {number: 80}}}]
+  - match: [{port: 5432, sourceSubnet: 10.44.0.0/30}]
+    route: [{destination: {host: server, port: {number: 7000}}}]
+  - match: [{port: 6379, destinationSubnets: [10.96.0.30/32]}]
+    route:
+    - {destination: {host: server, port: {number: 7000}}, weight: 1}
+    - {destination: {host: server-v2, port: {number: 80}}, weight: 3}
+"#,
+    );
+    const EDGE: &str = "edge.a.svc.cluster.local";
+    let client = translate(&r, &proxy(&r, "a", "client"));
+    client.validate().expect("valid");
+    let tls = find_port(&client, EDGE, 443);
+    assert_eq!(tls.protocol, Protocol::Tls);
+    assert_eq!(tls.tcp_routes.len(), 1, "{:#?}", tls.tcp_routes);
+    assert_eq!(
+        tls.tcp_routes[0].matches[0].sni_hosts,
+        ["*.api.example", "www.example"]
+    );
+    assert_eq!(
+        tls.tcp_routes[0]
+            .destinations
+            .iter()
+            .map(|d| (d.cluster.as_str(), d.weight))
+            .collect::<Vec<_>>(),
+        [
+            ("outbound|7000||server.a.svc.cluster.local", 70),
+            ("outbound|80||server-v2.a.svc.cluster.local", 30)
+        ]
+    );
+    // Port 5432: the client (10.44.0.2) is in 10.44.0.0/30, but is not 10.44.0.3.
+    let db = find_port(&client, EDGE, 5432);
+    assert_eq!(db.tcp_routes.len(), 1, "{:#?}", db.tcp_routes);
+    assert!(
+        db.tcp_routes[0].matches[0] == Default::default(),
+        "sourceSubnet is decided per proxy, no connection condition"
+    );
+    assert_eq!(
+        db.tcp_routes[0].destinations[0].cluster,
+        "outbound|7000||server.a.svc.cluster.local"
+    );
+    let cache = find_port(&client, EDGE, 6379);
+    assert_eq!(
+        cache.tcp_routes.len(),
+        1,
+        "port-matched: one route per port"
+    );
+    assert_eq!(
+        cache.tcp_routes[0].matches[0].destination_subnets,
+        ["10.96.0.30/32".parse::<ipnet::IpNet>().expect("net")]
+    );
+    assert_eq!(
+        cache.tcp_routes[0]
+            .destinations
+            .iter()
+            .map(|d| d.weight)
+            .collect::<Vec<_>>(),
+        [1, 3]
+    );
+    // The pod at 10.44.0.3 (namespace b) is in both; its own address comes first.
+    let other = translate(&r, &proxy(&r, "b", "other"));
+    let db = find_port(&other, EDGE, 5432);
+    assert_eq!(db.tcp_routes.len(), 2, "{:#?}", db.tcp_routes);
+    assert_eq!(
+        db.tcp_routes[0].destinations[0].cluster,
+        "outbound|80||server-v2.a.svc.cluster.local"
+    );
+    // Their outbound views differ, so they are not shared.
+    let index = r.index();
+    assert_ne!(
+        index.outbound_key(&proxy(&r, "a", "client")).1,
+        index
+            .outbound_key(&ProxyRef {
+                ip: Some("10.44.0.9".parse().expect("ip")),
+                ..proxy(&r, "a", "client")
+            })
+            .1
     );
 }
 

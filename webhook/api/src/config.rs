@@ -294,14 +294,15 @@ pub struct LoadBalancer {
     pub warmup_ms: Option<u64>,
 }
 
-/// `loadBalancer.simple`.
+/// `loadBalancer.simple`. The default is Istio's: `LEAST_REQUEST`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LbPolicy {
     /// Weighted round robin.
-    #[default]
     RoundRobin,
-    /// Power of two choices on live load (in-flight requests, latency EWMA).
+    /// Power of two choices on live load (in-flight requests, latency EWMA); Istio's default
+    /// when a DestinationRule names no policy (or `UNSPECIFIED`).
+    #[default]
     LeastRequest,
     /// Uniformly random.
     Random,
@@ -525,8 +526,13 @@ pub struct HttpMatch {
 pub enum StringMatch {
     /// Equal.
     Exact(String),
-    /// Starts with.
+    /// Starts with (Istio's `prefix`: plain text, `/api` matches `/apiary`).
     Prefix(String),
+    /// Starts with whole `/`-separated segments (Gateway API `PathPrefix`): `/old` matches
+    /// `/old`, `/old/` and `/old/x` but not `/oldish`; a trailing `/` in the prefix is ignored,
+    /// so `/` matches every path. A prefix rewrite of such a match follows the Gateway API's
+    /// `ReplacePrefixMatch` rules (no doubled or dropped `/`).
+    SegmentPrefix(String),
     /// RE2 regex matching the whole value.
     Regex(String),
 }
@@ -625,7 +631,8 @@ pub struct HeaderOps {
 #[serde(rename_all = "camelCase")]
 pub struct Rewrite {
     /// Replaces the part of the path the route's `uri` match matched (the whole path for an
-    /// exact or regex match).
+    /// exact or regex match): as text after a `prefix` match, by Gateway API
+    /// `ReplacePrefixMatch` rules after a `segmentPrefix` match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
     /// Regex rewrite of the path.
@@ -653,7 +660,8 @@ pub struct Redirect {
     /// New path (replacing the whole path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
-    /// Replaces the matched prefix of the path (Gateway API `ReplacePrefixMatch`).
+    /// Replaces the matched prefix of the path (Gateway API `ReplacePrefixMatch`, as
+    /// [`Rewrite::uri`] does); the whole path when the route matched no prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     /// New authority.
@@ -1258,6 +1266,33 @@ httpRoutes:
         ));
         let json = serde_json::to_string(&HashAlgorithm::default()).expect("json");
         assert_eq!(json, r#"{"ring":{"minRingSize":1024}}"#);
+    }
+
+    #[test]
+    fn segment_prefix_and_default_load_balancer() {
+        let m: HttpMatch =
+            serde_json::from_str(r#"{"uri": {"segmentPrefix": "/old"}}"#).expect("parses");
+        assert_eq!(m.uri, Some(StringMatch::SegmentPrefix("/old".into())));
+        assert_eq!(
+            serde_json::to_string(&m).expect("json"),
+            r#"{"uri":{"segmentPrefix":"/old"}}"#
+        );
+        assert_eq!(
+            LbPolicy::default(),
+            LbPolicy::LeastRequest,
+            "Istio's default"
+        );
+        let c: Cluster = serde_json::from_str(r#"{"name": "c"}"#).expect("parses");
+        assert_eq!(c.load_balancer.policy, LbPolicy::LeastRequest);
+        let rr: Cluster =
+            serde_json::from_str(r#"{"name": "c", "loadBalancer": {"policy": "ROUND_ROBIN"}}"#)
+                .expect("parses");
+        assert!(
+            serde_json::to_string(&rr)
+                .expect("json")
+                .contains("ROUND_ROBIN"),
+            "a non-default policy is written out"
+        );
     }
 
     #[test]

@@ -439,6 +439,172 @@ spec:
     expect(yaml, Severity::Error, "spec.service");
 }
 
+const SPLIT: &str = "\
+apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {name: s, namespace: prod}
+spec:
+  service: reviews
+  backends: [{service: reviews-v1, weight: 90}, {service: reviews-v2, weight: 10}]
+";
+
+const ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: prod}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews-v2, port: 9080}]
+";
+
+/// A finding of `severity` on `object`'s `field` whose message names all of `names`.
+#[track_caller]
+fn expect_naming(found: &[Finding], severity: Severity, object: &str, field: &str, names: &[&str]) {
+    assert!(
+        found.iter().any(|f| f.severity == severity
+            && f.object == object
+            && f.field == field
+            && names.iter().all(|n| f.message.contains(n))),
+        "expected {severity} on {object} {field} naming {names:?}: {found:#?}"
+    );
+}
+
+#[test]
+fn http_route_and_traffic_split_for_one_service_are_an_error() {
+    let found = findings(&format!("{ROUTE}---\n{SPLIT}"));
+    expect_naming(
+        &found,
+        Severity::Error,
+        "TrafficSplit/prod/s",
+        "spec.service",
+        &["HTTPRoute/prod/reviews", "reviews.prod.svc.cluster.local"],
+    );
+    // The split of another service is no conflict.
+    expect_clean(&format!(
+        "{ROUTE}---\n{}",
+        SPLIT.replace("service: reviews\n", "service: ratings\n")
+    ));
+}
+
+#[test]
+fn several_traffic_splits_for_one_service_are_an_error() {
+    let second = SPLIT.replace("name: s,", "name: t,").replace(
+        "service: reviews\n",
+        "service: reviews.prod.svc.cluster.local\n",
+    );
+    let found = findings(&format!("{SPLIT}---\n{second}"));
+    expect_naming(
+        &found,
+        Severity::Error,
+        "TrafficSplit/prod/t",
+        "spec.service",
+        &["TrafficSplit/prod/s"],
+    );
+    assert!(
+        !found
+            .iter()
+            .any(|f| f.object == "TrafficSplit/prod/s" && f.severity == Severity::Error),
+        "the first one is not blamed: {found:#?}"
+    );
+    // The same root name in another namespace is another service.
+    expect_clean(&format!(
+        "{SPLIT}---\n{}",
+        SPLIT.replace("name: s, namespace: prod", "name: s, namespace: staging")
+    ));
+}
+
+#[test]
+fn a_short_name_and_the_fqdn_from_another_namespace_are_one_host() {
+    let yaml = TWO_MESH_VS.replace(
+        "metadata: {name: b, namespace: prod}",
+        "metadata: {name: b, namespace: other}",
+    );
+    let found = findings(&yaml);
+    expect_naming(
+        &found,
+        Severity::Error,
+        "VirtualService/other/b",
+        "spec.hosts[0]",
+        &["VirtualService/prod/a", "reviews.prod.svc.cluster.local"],
+    );
+    // The short name in another namespace is another service.
+    let yaml = TWO_MESH_VS
+        .replace(
+            "metadata: {name: b, namespace: prod}",
+            "metadata: {name: b, namespace: other}",
+        )
+        .replace("reviews.prod.svc.cluster.local]", "reviews]");
+    expect_clean(&yaml);
+    assert!(findings(&yaml).is_empty(), "{:#?}", findings(&yaml));
+}
+
+#[test]
+fn wildcard_hosts_overlapping_other_virtual_services_are_reported() {
+    let wildcard = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: all, namespace: other}
+spec:
+  hosts: [\"*.prod.svc.cluster.local\"]
+  http:
+  - route:
+    - destination: {host: reviews.prod.svc.cluster.local}
+";
+    let one = TWO_MESH_VS.split("---\n").next().expect("first document");
+    let found = findings(&format!("{wildcard}---\n{one}"));
+    assert!(!has_errors(&found), "{found:#?}");
+    expect_naming(
+        &found,
+        Severity::Warning,
+        "VirtualService/other/all",
+        "spec.hosts[0]",
+        &[
+            "*.prod.svc.cluster.local",
+            "reviews.prod.svc.cluster.local",
+            "VirtualService/prod/a",
+            "most specific",
+        ],
+    );
+    // Narrower wildcards are covered too; disjoint ones are not.
+    let narrower = wildcard
+        .replace("name: all,", "name: narrow,")
+        .replace("*.prod.svc.cluster.local", "*.v1.prod.svc.cluster.local");
+    let found = findings(&format!("{wildcard}---\n{narrower}"));
+    expect_naming(
+        &found,
+        Severity::Warning,
+        "VirtualService/other/all",
+        "spec.hosts[0]",
+        &["*.v1.prod.svc.cluster.local"],
+    );
+    let disjoint = wildcard
+        .replace("name: all,", "name: staging,")
+        .replace("*.prod.svc", "*.staging.svc");
+    assert!(
+        findings(&format!("{wildcard}---\n{disjoint}")).is_empty(),
+        "{:#?}",
+        findings(&format!("{wildcard}---\n{disjoint}"))
+    );
+    // An HTTPRoute or a TrafficSplit for a service a wildcard VirtualService covers: two
+    // routing configurations for one service.
+    let found = findings(&format!("{wildcard}---\n{ROUTE}---\n{SPLIT}"));
+    expect_naming(
+        &found,
+        Severity::Error,
+        "HTTPRoute/prod/reviews",
+        "spec.parentRefs[0]",
+        &["VirtualService/other/all"],
+    );
+    expect_naming(
+        &found,
+        Severity::Error,
+        "TrafficSplit/prod/s",
+        "spec.service",
+        &["VirtualService/other/all"],
+    );
+}
+
 #[test]
 fn destination_rules_for_one_host_and_duplicates_are_warnings() {
     let yaml = "\

@@ -6,8 +6,16 @@
 //! producer routes for them. Rules are ordered by the Gateway API's precedence: exact path,
 //! longest prefix, regex, then method, most headers, most query parameters, then the oldest
 //! route, then rule order. Unmatched requests get 404 (the model's rule when routes exist).
-//! A rule without backends answers 500, as the Gateway API asks.
+//! A rule without backends answers 500, as the Gateway API asks. `PathPrefix` matches whole
+//! path segments (`segmentPrefix` in the model), and `ReplacePrefixMatch` replaces them by
+//! the Gateway API's rules; Istio's textual `prefix` is left to VirtualServices.
+//!
+//! Which of these routes, a VirtualService or a TrafficSplit claiming the same service
+//! applies is decided in [`super::routes`] (the oldest).
 
+use std::sync::Arc;
+
+use tracing::warn;
 use weft_api::config::{
     CorsPolicy, DirectResponse, Forward, HeaderMatch, HeaderOps, HttpAction, HttpMatch, HttpRoute,
     Mirror, Protocol, QueryMatch, Redirect, RegexRewrite, RetryPolicy, Rewrite, StringMatch,
@@ -21,7 +29,7 @@ use weft_api::crd::gateway::{
 };
 
 use super::registry::{RegPort, RegService};
-use super::routes::{DEFAULT_RETRIABLE_CODES, DEFAULT_RETRY_ON, default_retries};
+use super::routes::{DEFAULT_RETRIABLE_CODES, DEFAULT_RETRY_ON, default_retries, resource_label};
 use super::{Ctx, duration_ms};
 use crate::resources::CLUSTER_DOMAIN;
 
@@ -98,7 +106,7 @@ fn precedence(
 ) {
     let (rank, len) = match &m.uri {
         Some(StringMatch::Exact(p)) => (0, p.len()),
-        Some(StringMatch::Prefix(p)) => (1, p.len()),
+        Some(StringMatch::Prefix(p) | StringMatch::SegmentPrefix(p)) => (1, p.len()),
         Some(StringMatch::Regex(p)) => (2, p.len()),
         None => (1, 1),
     };
@@ -128,12 +136,17 @@ enum AnyRule<'a> {
     Grpc(&'a weft_api::crd::gateway::GrpcRouteRule),
 }
 
-/// The routes of a service port from HTTPRoutes / GRPCRoutes, when any attach to it.
-pub(crate) fn for_port(
-    ctx: &mut Ctx<'_>,
-    svc: &RegService,
-    port: &RegPort,
-) -> Option<(Vec<HttpRoute>, Vec<TcpRoute>)> {
+/// The HTTPRoutes / GRPCRoutes that apply to one service port for one proxy.
+pub(crate) struct Attached {
+    /// `(position in the index, route)`, oldest first.
+    pub routes: Vec<(usize, Arc<AnyResource>)>,
+    /// Age rank of the oldest of them ([`super::Index::age`]).
+    pub age: usize,
+}
+
+/// The routes attached to a service port, when any: the consumer routes of the proxy's
+/// namespace, else the producer routes of the service's namespace.
+pub(crate) fn attached_routes(ctx: &Ctx<'_>, svc: &RegService, port: &RegPort) -> Option<Attached> {
     let name = svc
         .hostname
         .strip_suffix(&format!(".{}.svc.{CLUSTER_DOMAIN}", svc.namespace))?;
@@ -163,19 +176,27 @@ pub(crate) fn for_port(
             consumer.push((position, r.clone()));
         }
     }
-    let chosen = if consumer.is_empty() {
+    let routes = if consumer.is_empty() {
         producer
     } else {
         consumer
     };
-    if chosen.is_empty() {
-        return None;
-    }
+    let age = routes.iter().map(|(_, r)| index.age(r)).min()?;
+    Some(Attached { routes, age })
+}
+
+/// The routes of a service port from the HTTPRoutes / GRPCRoutes attached to it.
+pub(crate) fn routes_for_port(
+    ctx: &mut Ctx<'_>,
+    attached: &Attached,
+    port: &RegPort,
+) -> (Vec<HttpRoute>, Vec<TcpRoute>) {
     if !(port.protocol.is_http() || port.protocol == Protocol::Auto) {
-        return Some((Vec::new(), Vec::new()));
+        return (Vec::new(), Vec::new());
     }
+    let chosen = &attached.routes;
     let mut built = Vec::new();
-    for (position, r) in &chosen {
+    for (position, r) in chosen {
         let (meta, rules): (_, Vec<AnyRule<'_>>) = match &**r {
             AnyResource::HttpRoute(h) => (
                 &h.metadata,
@@ -206,7 +227,10 @@ pub(crate) fn for_port(
                 if let HttpAction::Forward(f) = &mut route.action
                     && let Some(rw) = &mut f.rewrite
                     && rw.uri.is_some()
-                    && !matches!(m.uri, Some(StringMatch::Prefix(_)))
+                    && !matches!(
+                        m.uri,
+                        Some(StringMatch::Prefix(_) | StringMatch::SegmentPrefix(_))
+                    )
                 {
                     rw.uri_regex = Some(RegexRewrite {
                         pattern: "^.*$".into(),
@@ -223,13 +247,14 @@ pub(crate) fn for_port(
         }
     }
     built.sort_by(|a, b| a.key.cmp(&b.key).then(a.order.cmp(&b.order)));
-    Some((built.into_iter().map(|b| b.route).collect(), Vec::new()))
+    (built.into_iter().map(|b| b.route).collect(), Vec::new())
 }
 
+/// Gateway API `PathPrefix` matches whole segments, unlike Istio's textual `prefix`.
 fn http_matches(rule: &HttpRouteRule) -> Vec<HttpMatch> {
     if rule.matches.is_empty() {
         return vec![HttpMatch {
-            uri: Some(StringMatch::Prefix("/".into())),
+            uri: Some(StringMatch::SegmentPrefix("/".into())),
             ..HttpMatch::default()
         }];
     }
@@ -237,13 +262,13 @@ fn http_matches(rule: &HttpRouteRule) -> Vec<HttpMatch> {
         .iter()
         .map(|m| {
             let uri = match &m.path {
-                None => Some(StringMatch::Prefix("/".into())),
+                None => Some(StringMatch::SegmentPrefix("/".into())),
                 Some(p) => {
                     let value = p.value.clone().unwrap_or_else(|| "/".into());
                     Some(match p.type_ {
                         Some(PathMatchType::Exact) => StringMatch::Exact(value),
                         Some(PathMatchType::RegularExpression) => StringMatch::Regex(value),
-                        _ => StringMatch::Prefix(value),
+                        _ => StringMatch::SegmentPrefix(value),
                     })
                 }
             };
@@ -586,11 +611,24 @@ fn grpc_rule(
         let Some(cluster) = backend_cluster(ctx, &b.reference, route_ns, port) else {
             continue;
         };
+        let mut request_headers = HeaderOps::default();
+        let mut response_headers = HeaderOps::default();
+        for f in &b.filters {
+            match f.type_ {
+                GrpcRouteFilterType::RequestHeaderModifier => {
+                    request_headers = header_filter(f.request_header_modifier.as_ref())
+                }
+                GrpcRouteFilterType::ResponseHeaderModifier => {
+                    response_headers = header_filter(f.response_header_modifier.as_ref())
+                }
+                _ => {}
+            }
+        }
         destinations.push(WeightedCluster {
             cluster,
             weight: u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
-            request_headers: HeaderOps::default(),
-            response_headers: HeaderOps::default(),
+            request_headers,
+            response_headers,
         });
     }
     destinations.retain(|d| d.weight > 0);
@@ -605,27 +643,45 @@ fn grpc_rule(
     route
 }
 
-/// The routes of a service port from an SMI TrafficSplit whose root is the service: the
-/// backends on the same port, weighted. `matches` (HTTPRouteGroup) are not translated.
-pub(crate) fn traffic_split(
-    ctx: &mut Ctx<'_>,
-    svc: &RegService,
-    port: &RegPort,
-) -> Option<(Vec<HttpRoute>, Vec<TcpRoute>)> {
-    let split = ctx.index.traffic_splits.iter().find_map(|r| match &**r {
+/// The TrafficSplit whose root is the service: the oldest; any other is logged at warn.
+pub(crate) fn traffic_split_for(ctx: &Ctx<'_>, svc: &RegService) -> Option<Arc<AnyResource>> {
+    let mut splits = ctx.index.traffic_splits.iter().filter(|r| match &***r {
         AnyResource::TrafficSplit(t) => {
             let ns = t.metadata.namespace.as_deref().unwrap_or("default");
-            let root = super::resolve_host(&t.spec.service, ns);
-            (root == svc.hostname).then(|| (ns.to_owned(), t.spec.backends.clone()))
+            super::resolve_host(&t.spec.service, ns) == svc.hostname
         }
-        _ => None,
-    })?;
-    let (ns, backends) = split;
+        _ => false,
+    });
+    let chosen = splits.next()?;
+    for other in splits {
+        warn!(
+            host = %svc.hostname,
+            applied = %resource_label(chosen),
+            ignored = %resource_label(other),
+            "several TrafficSplits for one service: the oldest applies"
+        );
+    }
+    Some(chosen.clone())
+}
+
+/// The routes of a service port from an SMI TrafficSplit whose root is the service: the
+/// backends on the same port, weighted. `matches` (HTTPRouteGroup) are not translated.
+/// `None` when no backend has weight.
+pub(crate) fn traffic_split(
+    ctx: &mut Ctx<'_>,
+    split: &AnyResource,
+    port: &RegPort,
+) -> Option<(Vec<HttpRoute>, Vec<TcpRoute>)> {
+    let AnyResource::TrafficSplit(t) = split else {
+        return None;
+    };
+    let ns = t.metadata.namespace.as_deref().unwrap_or("default");
+    let backends = &t.spec.backends;
     let destinations: Vec<WeightedCluster> = backends
         .iter()
         .filter(|b| b.weight > 0)
         .map(|b| WeightedCluster {
-            cluster: ctx.cluster_for(&b.service, &ns, Some(port.port), None, port.port),
+            cluster: ctx.cluster_for(&b.service, ns, Some(port.port), None, port.port),
             weight: u32::try_from(b.weight).unwrap_or(u32::MAX),
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),

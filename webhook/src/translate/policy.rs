@@ -153,11 +153,12 @@ fn overlay(eff: &mut Effective, policy: Option<&TrafficPolicy>, port: u16) {
 }
 
 fn load_balancer(lb: &LoadBalancerSettings) -> LoadBalancer {
+    // Istio's default (absent or UNSPECIFIED) is LEAST_REQUEST; LEAST_CONN is its old name.
     let policy = match lb.simple {
-        Some(SimpleLb::LeastConn | SimpleLb::LeastRequest) => LbPolicy::LeastRequest,
+        Some(SimpleLb::RoundRobin) => LbPolicy::RoundRobin,
         Some(SimpleLb::Random) => LbPolicy::Random,
         Some(SimpleLb::Passthrough) => LbPolicy::Passthrough,
-        _ => LbPolicy::RoundRobin,
+        _ => LbPolicy::LeastRequest,
     };
     let consistent_hash = lb.consistent_hash.as_ref().and_then(|ch| {
         let key = if let Some(h) = &ch.http_header_name {

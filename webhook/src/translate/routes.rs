@@ -1,16 +1,27 @@
-//! VirtualService routes for one service port, as one proxy sees them.
+//! VirtualService routes for one service port, as one proxy sees them, and the choice
+//! between the routing resources that claim one service.
 //!
-//! Per match, `sourceLabels`, `sourceNamespace` and `gateways` are evaluated for this proxy:
-//! a match that does not apply is dropped, a route left without matches (it had some) is
-//! dropped. `port` keeps a match to that service port. Delegates are inlined: the parent's
-//! match conditions are merged into each of the delegate's (the delegate's win). Routes
-//! without `retries` get Istio's default policy (2 attempts on
+//! Per match, `sourceLabels`, `sourceNamespace`, `gateways` and (tcp) `sourceSubnet` are
+//! evaluated for this proxy: a match that does not apply is dropped, a route left without
+//! matches (it had some) is dropped. `port` keeps a match to that service port. Delegates are
+//! inlined: the parent's match conditions are merged into each of the delegate's (the
+//! delegate's win); as in Istio, delegation is one level deep, and a delegate that delegates
+//! again (itself, or a cycle) is refused with a warning. Routes without `retries` get Istio's
+//! default policy (2 attempts on
 //! `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`, code 503);
 //! `attempts: 0` disables retries; numbers in `retryOn` are retriable status codes.
+//!
+//! One service port takes its routes from one source, as an Istio sidecar does (analyzer
+//! IST0109 calls anything else undefined; `weft-webhook validate` reports it): among the
+//! VirtualServices for the host, the one naming it most specifically (exact, then the longest
+//! wildcard), then the oldest; among that VirtualService, the HTTPRoutes / GRPCRoutes
+//! attached to the service and its TrafficSplits, the oldest. Whatever loses is logged at
+//! warn with both names.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use tracing::debug;
+use tracing::warn;
 use weft_api::config::{
     CorsPolicy, DirectResponse, Fault, FaultAbort, FaultDelay, Forward, HeaderMatch, HeaderOps,
     HttpAction, HttpMatch, HttpRoute, Mirror, Protocol, QueryMatch, Redirect, RegexRewrite,
@@ -51,29 +62,80 @@ fn namespace_of(vs: &VirtualService) -> &str {
     vs.metadata.namespace.as_deref().unwrap_or("default")
 }
 
+/// `VirtualService/<namespace>/<name>`, for logs.
+fn vs_label(vs: &VirtualService) -> String {
+    format!(
+        "VirtualService/{}/{}",
+        namespace_of(vs),
+        vs.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// `Kind/<namespace>/<name>` of any resource, for logs.
+pub(crate) fn resource_label(r: &AnyResource) -> String {
+    let meta = r.metadata();
+    format!(
+        "{}/{}/{}",
+        r.known_kind().kind,
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
 /// Whether a VirtualService applies to sidecars (`gateways` empty or naming `mesh`).
 fn for_mesh(vs: &VirtualService) -> bool {
     vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh")
 }
 
-/// The VirtualServices for a host visible to the proxy, oldest first.
-pub(crate) fn virtual_services<'a>(ctx: &Ctx<'a>, hostname: &str) -> Vec<&'a VirtualService> {
-    ctx.index
-        .virtual_services
-        .iter()
-        .filter_map(|r| match &**r {
-            AnyResource::VirtualService(v) => Some(v),
-            _ => None,
-        })
-        .filter(|vs| !vs.spec.hosts.is_empty() && for_mesh(vs))
-        .filter(|vs| exported_to(&vs.spec.export_to, namespace_of(vs), &ctx.proxy.namespace))
-        .filter(|vs| {
-            vs.spec
-                .hosts
-                .iter()
-                .any(|h| host_matches(&resolve_host(h, namespace_of(vs)), hostname))
-        })
-        .collect()
+/// How specifically a host pattern names `hostname`, when it does: an exact name beats every
+/// wildcard, a longer wildcard a shorter one (Istio's most specific host match).
+fn specificity(pattern: &str, hostname: &str) -> Option<(bool, usize)> {
+    host_matches(pattern, hostname).then(|| (!pattern.contains('*'), pattern.len()))
+}
+
+/// The VirtualService for a host that the proxy uses: among those visible to it on the mesh,
+/// the one naming the host most specifically, then the oldest. The others are ignored, with a
+/// warning naming both.
+pub(crate) fn virtual_service<'a>(ctx: &Ctx<'a>, hostname: &str) -> Option<&'a Arc<AnyResource>> {
+    let mut best: Option<(&'a Arc<AnyResource>, (bool, usize))> = None;
+    let mut candidates = Vec::new();
+    for r in &ctx.index.virtual_services {
+        let AnyResource::VirtualService(vs) = &**r else {
+            continue;
+        };
+        if vs.spec.hosts.is_empty()
+            || !for_mesh(vs)
+            || !exported_to(&vs.spec.export_to, namespace_of(vs), &ctx.proxy.namespace)
+        {
+            continue;
+        }
+        let Some(rank) = vs
+            .spec
+            .hosts
+            .iter()
+            .filter_map(|h| specificity(&resolve_host(h, namespace_of(vs)), hostname))
+            .max()
+        else {
+            continue;
+        };
+        candidates.push(r);
+        // Oldest first: a later one wins only when strictly more specific.
+        if best.is_none_or(|(_, b)| rank > b) {
+            best = Some((r, rank));
+        }
+    }
+    let (chosen, _) = best?;
+    for r in candidates {
+        if !Arc::ptr_eq(r, chosen) {
+            warn!(
+                host = %hostname,
+                applied = %resource_label(chosen),
+                ignored = %resource_label(r),
+                "several VirtualServices for one host: the most specific, then the oldest, applies"
+            );
+        }
+    }
+    Some(chosen)
 }
 
 /// The routes of one service port.
@@ -83,52 +145,118 @@ pub(crate) fn for_port(
     port: &RegPort,
 ) -> (Vec<HttpRoute>, Vec<TcpRoute>) {
     let http_port = port.protocol.is_http() || port.protocol == Protocol::Auto;
-    let tcp_port = !port.protocol.is_http();
-    let vss = virtual_services(ctx, &svc.hostname);
-    if !vss.is_empty() {
-        if vss.len() > 1 {
-            debug!(host = %svc.hostname, count = vss.len(), "several VirtualServices for one host: merged oldest first");
-        }
-        let mut http = Vec::new();
-        let mut tcp = Vec::new();
-        for vs in &vss {
-            let ns = namespace_of(vs);
-            if http_port {
-                for route in &vs.spec.http {
-                    http.extend(http_route(ctx, ns, route, port, &[]));
-                }
-            }
-            if tcp_port {
-                if matches!(port.protocol, Protocol::Tls | Protocol::Auto) {
-                    for route in &vs.spec.tls {
-                        tcp.extend(tls_route(ctx, ns, route, port));
-                    }
-                }
-                for route in &vs.spec.tcp {
-                    tcp.extend(tcp_route(ctx, ns, route, port));
-                }
-            }
-        }
-        if http.is_empty() && http_port && vs_has_no_http(&vss) {
-            http.push(default_route(ctx, svc, port));
-        }
-        return (http, tcp);
+    let vs = virtual_service(ctx, &svc.hostname).cloned();
+    let attached = gamma::attached_routes(ctx, svc, port);
+    let split = gamma::traffic_split_for(ctx, svc);
+    // The oldest of the sources claiming the service wins.
+    let mut sources: Vec<(usize, Source)> = Vec::new();
+    if let Some(vs) = &vs {
+        sources.push((ctx.index.age(vs), Source::VirtualService(vs.clone())));
     }
-    if let Some(routes) = gamma::for_port(ctx, svc, port) {
-        return routes;
+    if let Some(routes) = &attached {
+        sources.push((routes.age, Source::Gamma));
     }
-    if let Some(routes) = gamma::traffic_split(ctx, svc, port) {
-        return routes;
+    if let Some(split) = &split {
+        sources.push((ctx.index.age(split), Source::TrafficSplit(split.clone())));
     }
-    if http_port {
-        (vec![default_route(ctx, svc, port)], Vec::new())
-    } else {
-        (Vec::new(), Vec::new())
+    sources.sort_by_key(|(age, _)| *age);
+    let mut sources = sources.into_iter().map(|(_, s)| s);
+    let Some(chosen) = sources.next() else {
+        return if http_port {
+            (vec![default_route(ctx, svc, port)], Vec::new())
+        } else {
+            (Vec::new(), Vec::new())
+        };
+    };
+    for ignored in sources {
+        warn!(
+            host = %svc.hostname,
+            port = port.port,
+            applied = %chosen.label(attached.as_ref()),
+            ignored = %ignored.label(attached.as_ref()),
+            "several routing resources for one service: the oldest applies"
+        );
+    }
+    match chosen {
+        Source::VirtualService(vs) => {
+            let AnyResource::VirtualService(vs) = &*vs else {
+                return (Vec::new(), Vec::new());
+            };
+            virtual_service_routes(ctx, vs, svc, port)
+        }
+        Source::Gamma => match attached {
+            Some(routes) => gamma::routes_for_port(ctx, &routes, port),
+            None => (Vec::new(), Vec::new()),
+        },
+        Source::TrafficSplit(split) => {
+            gamma::traffic_split(ctx, &split, port).unwrap_or_else(|| {
+                if http_port {
+                    (vec![default_route(ctx, svc, port)], Vec::new())
+                } else {
+                    (Vec::new(), Vec::new())
+                }
+            })
+        }
     }
 }
 
-fn vs_has_no_http(vss: &[&VirtualService]) -> bool {
-    vss.iter().all(|vs| vs.spec.http.is_empty())
+/// A routing resource claiming a service.
+enum Source {
+    VirtualService(Arc<AnyResource>),
+    /// The HTTPRoutes / GRPCRoutes attached to the service port (together).
+    Gamma,
+    TrafficSplit(Arc<AnyResource>),
+}
+
+impl Source {
+    fn label(&self, attached: Option<&gamma::Attached>) -> String {
+        match self {
+            Source::VirtualService(r) | Source::TrafficSplit(r) => resource_label(r),
+            Source::Gamma => attached
+                .map(|a| {
+                    a.routes
+                        .iter()
+                        .map(|(_, r)| resource_label(r))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The routes of one VirtualService for one service port.
+fn virtual_service_routes(
+    ctx: &mut Ctx<'_>,
+    vs: &VirtualService,
+    svc: &RegService,
+    port: &RegPort,
+) -> (Vec<HttpRoute>, Vec<TcpRoute>) {
+    let http_port = port.protocol.is_http() || port.protocol == Protocol::Auto;
+    let tcp_port = !port.protocol.is_http();
+    let ns = namespace_of(vs);
+    let label = vs_label(vs);
+    let mut http = Vec::new();
+    let mut tcp = Vec::new();
+    if http_port {
+        for route in &vs.spec.http {
+            http.extend(http_route(ctx, &label, ns, route, port, None));
+        }
+    }
+    if tcp_port {
+        if matches!(port.protocol, Protocol::Tls | Protocol::Auto) {
+            for route in &vs.spec.tls {
+                tcp.extend(tls_route(ctx, ns, route, port));
+            }
+        }
+        for route in &vs.spec.tcp {
+            tcp.extend(tcp_route(ctx, &label, ns, route, port));
+        }
+    }
+    if http.is_empty() && http_port && vs.spec.http.is_empty() {
+        http.push(default_route(ctx, svc, port));
+    }
+    (http, tcp)
 }
 
 /// The route Istio gives a service without routing rules: everything to the service, with
@@ -339,13 +467,23 @@ fn dest_port(d: &istio::Destination) -> Option<u16> {
         .and_then(|n| u16::try_from(n).ok())
 }
 
-/// Translates one `http` route of a VirtualService of namespace `ns`.
+/// The delegating route a delegate's routes are inlined into.
+struct Delegation<'a> {
+    /// `VirtualService/<ns>/<name>` of the delegating VirtualService.
+    root: &'a str,
+    /// Its route's matches, merged into the delegate's.
+    matches: &'a [HttpMatch],
+}
+
+/// Translates one `http` route of VirtualService `label` (of namespace `ns`); `parent` is set
+/// when the VirtualService is a delegate inlined into another's route.
 fn http_route(
     ctx: &mut Ctx<'_>,
+    label: &str,
     ns: &str,
     route: &istio::HttpRoute,
     port: &RegPort,
-    parent_matches: &[HttpMatch],
+    parent: Option<&Delegation<'_>>,
 ) -> Vec<HttpRoute> {
     let mut matches = Vec::new();
     for m in &route.r#match {
@@ -365,6 +503,7 @@ fn http_route(
     if !route.r#match.is_empty() && matches.is_empty() {
         return Vec::new();
     }
+    let parent_matches = parent.map(|p| p.matches).unwrap_or_default();
     let matches: Vec<HttpMatch> = match (parent_matches.is_empty(), matches.is_empty()) {
         (true, _) => matches,
         (false, true) => parent_matches.to_vec(),
@@ -376,6 +515,17 @@ fn http_route(
     if let Some(delegate) = &route.delegate {
         let name = delegate.name.as_deref().unwrap_or_default();
         let dns = delegate.namespace.as_deref().unwrap_or(ns).to_owned();
+        if let Some(parent) = parent {
+            // Istio delegates one level deep; following further could loop forever (a
+            // delegate naming itself, or a cycle).
+            warn!(
+                virtual_service = %label,
+                root = %parent.root,
+                delegate = %format!("{dns}/{name}"),
+                "nested delegation refused (one level allowed): route dropped"
+            );
+            return Vec::new();
+        }
         let child = ctx.index.virtual_services.iter().find_map(|r| match &**r {
             AnyResource::VirtualService(v)
                 if v.metadata.name.as_deref() == Some(name)
@@ -387,17 +537,26 @@ fn http_route(
             _ => None,
         });
         let Some(child) = child else {
-            debug!(delegate = %format!("{dns}/{name}"), "delegate VirtualService not found");
+            warn!(
+                virtual_service = %label,
+                delegate = %format!("{dns}/{name}"),
+                "delegate VirtualService not found (or has hosts): route dropped"
+            );
             return Vec::new();
         };
         let AnyResource::VirtualService(child) = &*child else {
             return Vec::new();
         };
+        let child_label = vs_label(child);
+        let delegation = Delegation {
+            root: label,
+            matches: &matches,
+        };
         return child
             .spec
             .http
             .iter()
-            .flat_map(|r| http_route(ctx, &dns, r, port, &matches))
+            .flat_map(|r| http_route(ctx, &child_label, &dns, r, port, Some(&delegation)))
             .collect();
     }
     let action = if let Some(r) = &route.redirect {
@@ -528,13 +687,7 @@ fn http_route(
 }
 
 fn subnets(list: &[String]) -> Vec<ipnet::IpNet> {
-    list.iter()
-        .filter_map(|s| {
-            s.parse::<ipnet::IpNet>()
-                .ok()
-                .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
-        })
-        .collect()
+    list.iter().filter_map(|s| subnet(s)).collect()
 }
 
 fn destinations(
@@ -569,8 +722,17 @@ fn destinations(
     out
 }
 
+/// A `sourceSubnet` (`a.b.c.d/n` or a bare address).
+fn subnet(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// Translates one `tcp` route of VirtualService `label` (of namespace `ns`).
 fn tcp_route(
     ctx: &mut Ctx<'_>,
+    label: &str,
     ns: &str,
     route: &istio::TcpRoute,
     port: &RegPort,
@@ -588,8 +750,16 @@ fn tcp_route(
         if m.port.is_some_and(|p| p != u32::from(port.port)) {
             continue;
         }
-        if m.source_subnet.is_some() {
-            debug!("tcp match sourceSubnet is not translated");
+        // The source of a sidecar's outbound connection is its own pod: the match applies
+        // to this proxy or not at all. Unknown or unreadable: not applied, never widened.
+        if let Some(text) = m.source_subnet.as_deref().filter(|s| !s.is_empty()) {
+            let Some(net) = subnet(text) else {
+                warn!(virtual_service = %label, source_subnet = %text, "tcp match sourceSubnet is not an address or CIDR: match dropped");
+                continue;
+            };
+            if !ctx.proxy.ip.is_some_and(|ip| net.contains(&ip)) {
+                continue;
+            }
         }
         matches.push(TcpMatch {
             port: None,

@@ -3,11 +3,18 @@
 //!
 //! - several VirtualServices for one host on the mesh (sidecars): Istio does not merge them and
 //!   which one applies is undefined (analyzer IST0109) — an error;
+//!   Hosts are compared as Istio resolves them: a short name is a service of the
+//!   VirtualService's own namespace, so `reviews` in `prod` and `reviews.prod.svc.cluster.local`
+//!   in `other` are one host;
+//! - a mesh VirtualService whose wildcard host covers a host another one names (`*.prod.svc…`
+//!   and `reviews.prod.svc…`): Istio applies only the most specific one to that host and
+//!   merges nothing — a warning;
 //! - several VirtualServices for one host on one gateway: Istio merges their rules, oldest
 //!   first — a warning;
-//! - an HTTPRoute (GAMMA, parent a Service) and a mesh VirtualService for the same service, or a
-//!   TrafficSplit and a mesh VirtualService for the same root service: two routing
-//!   configurations for one service, precedence undefined — an error;
+//! - two routing configurations for one service, precedence undefined — an error: an
+//!   HTTPRoute / GRPCRoute (GAMMA, parent a Service) and a mesh VirtualService (also through a
+//!   wildcard host), a TrafficSplit and a mesh VirtualService, an HTTPRoute and a TrafficSplit,
+//!   or several TrafficSplits for one root service (Weft's translator applies the oldest);
 //! - several DestinationRules for one host: merged, the oldest's traffic policy wins and
 //!   duplicate subsets are dropped — a warning;
 //! - routes to a subset no DestinationRule in the input defines (IST0101) — a warning.
@@ -175,7 +182,19 @@ pub(crate) fn check(resources: &[(String, AnyResource)]) -> Vec<Finding> {
     out.findings
 }
 
+/// Whether host pattern `pattern` (`*`, `*.example.com` or a name) covers `host` (a name or a
+/// narrower wildcard), as Istio matches hosts.
+fn covers(pattern: &str, host: &str) -> bool {
+    if pattern == "*" || pattern == host {
+        return true;
+    }
+    pattern
+        .strip_prefix('*')
+        .is_some_and(|suffix| host.len() > suffix.len() && host.ends_with(suffix))
+}
+
 fn virtual_service_hosts(virtual_services: &[(&str, &VirtualService, String)], out: &mut Emitter) {
+    wildcard_overlaps(virtual_services, out);
     // (gateway, host) -> [(vs index, host index)]
     let mut claims: BTreeMap<(String, String), Vec<(usize, usize)>> = BTreeMap::new();
     for (i, (_, vs, namespace)) in virtual_services.iter().enumerate() {
@@ -227,6 +246,60 @@ fn virtual_service_hosts(virtual_services: &[(&str, &VirtualService, String)], o
     }
 }
 
+fn wildcard_overlaps(virtual_services: &[(&str, &VirtualService, String)], out: &mut Emitter) {
+    // (vs index, host index, resolved host) of every mesh host.
+    let mut mesh = Vec::new();
+    for (i, (_, vs, namespace)) in virtual_services.iter().enumerate() {
+        if vs_gateways(vs, namespace).iter().any(|g| g == "mesh") {
+            for (h, host) in vs.spec.hosts.iter().enumerate() {
+                mesh.push((i, h, resolve_host(host, namespace)));
+            }
+        }
+    }
+    let mut reported = BTreeSet::new();
+    for (i, h, wildcard) in &mesh {
+        if !wildcard.starts_with('*') {
+            continue;
+        }
+        let (label, vs, namespace) = &virtual_services[*i];
+        let visibility = Visibility::of(&vs.spec.export_to, namespace);
+        for (j, _, host) in &mesh {
+            if j == i || host == wildcard || !covers(wildcard, host) {
+                continue;
+            }
+            let (other_label, other, other_ns) = &virtual_services[*j];
+            if !Visibility::of(&other.spec.export_to, other_ns).overlaps(&visibility)
+                || !reported.insert((*i, *h, *j, host.clone()))
+            {
+                continue;
+            }
+            out.push(
+                Severity::Warning,
+                label,
+                format!("spec.hosts[{h}]"),
+                format!(
+                    "host {wildcard} also covers {host}, which {other_label} routes for the mesh: Istio applies only the most specific host's VirtualService to {host} and merges nothing, so these rules do not apply to it"
+                ),
+            );
+        }
+    }
+}
+
+/// The first mesh VirtualService host (as `(label, host index)`) that covers `service`.
+fn mesh_claim<'a>(
+    mesh_hosts: &BTreeMap<String, (&'a str, usize)>,
+    service: &str,
+) -> Option<(&'a str, usize)> {
+    mesh_hosts.get(service).copied().or_else(|| {
+        mesh_hosts
+            .iter()
+            .filter(|(pattern, _)| covers(pattern, service))
+            // The most specific wildcard, as Istio picks it.
+            .max_by_key(|(pattern, _)| pattern.len())
+            .map(|(_, claim)| *claim)
+    })
+}
+
 fn mesh_route_overlaps(
     kept: &[&(String, AnyResource)],
     virtual_services: &[(&str, &VirtualService, String)],
@@ -243,6 +316,9 @@ fn mesh_route_overlaps(
             }
         }
     }
+    // Services routed by HTTPRoutes / GRPCRoutes, and roots of TrafficSplits.
+    let mut gamma: BTreeMap<String, (&str, &str, usize)> = BTreeMap::new();
+    let mut splits: BTreeMap<String, &str> = BTreeMap::new();
     for (label, resource) in kept {
         let namespace = namespace_of(resource);
         let parents = match resource {
@@ -265,7 +341,11 @@ fn mesh_route_overlaps(
                     .clone()
                     .unwrap_or_else(|| namespace.clone());
                 let service = format!("{}.{service_ns}.svc.cluster.local", parent.name);
-                if let Some((vs_label, h)) = mesh_hosts.get(&service) {
+                // The translator routes HTTP and gRPC from these (TCPRoute is not translated).
+                if kind != "TCPRoute" {
+                    gamma.entry(service.clone()).or_insert((label, kind, i));
+                }
+                if let Some((vs_label, h)) = mesh_claim(&mesh_hosts, &service) {
                     out.push(
                         Severity::Error,
                         label,
@@ -279,7 +359,7 @@ fn mesh_route_overlaps(
         }
         if let AnyResource::TrafficSplit(split) = resource {
             let service = resolve_host(&split.spec.service, &namespace);
-            if let Some((vs_label, h)) = mesh_hosts.get(&service) {
+            if let Some((vs_label, h)) = mesh_claim(&mesh_hosts, &service) {
                 out.push(
                     Severity::Error,
                     label,
@@ -289,6 +369,36 @@ fn mesh_route_overlaps(
                     ),
                 );
             }
+            match splits.get(&service) {
+                Some(first) => out.push(
+                    Severity::Error,
+                    label,
+                    "spec.service",
+                    format!(
+                        "service {service} is also split by {first}: SMI defines no precedence between TrafficSplits for one service (Weft applies the oldest); keep one"
+                    ),
+                ),
+                None => {
+                    splits.insert(service, label);
+                }
+            }
+        }
+    }
+    // Gateway API routes and TrafficSplits for one service.
+    for (label, resource) in kept {
+        let AnyResource::TrafficSplit(split) = resource else {
+            continue;
+        };
+        let service = resolve_host(&split.spec.service, &namespace_of(resource));
+        if let Some((route_label, kind, i)) = gamma.get(&service) {
+            out.push(
+                Severity::Error,
+                label,
+                "spec.service",
+                format!(
+                    "TrafficSplit splits service {service}, which {kind} {route_label} (spec.parentRefs[{i}]) also routes: two routing configurations for one service, precedence undefined (Weft applies the oldest); keep one"
+                ),
+            );
         }
     }
 }
