@@ -456,6 +456,7 @@ services:
   ports: [{port: 8080, protocol: http}, {port: 9000, protocol: tcp}]
 clusters:
 - name: "outbound|8080||b.genesis.svc.cluster.local"
+  loadBalancer: {policy: ROUND_ROBIN}
   endpoints:
   - {address: 10.44.0.2, port: 8080, identity: "spiffe://cluster.local/ns/genesis/sa/b", weight: 3}
   - {address: 10.44.0.3, port: 8080, identity: "spiffe://cluster.local/ns/genesis/sa/b"}

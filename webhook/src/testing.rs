@@ -133,8 +133,23 @@ impl Harness {
         Self::start_with(files, None).await
     }
 
+    /// Starts one whose config source does not screen objects with the validator, as a
+    /// control plane of an older version (or one whose validator misses a case) would send
+    /// them: for tests of the proxies' own refusal of a snapshot.
+    pub async fn start_unscreened(files: &[(&str, &str)]) -> Harness {
+        Self::start_inner(files, None, false).await
+    }
+
     /// Starts one; `material` replaces the generated CA.
     pub async fn start_with(files: &[(&str, &str)], material: Option<Material>) -> Harness {
+        Self::start_inner(files, material, true).await
+    }
+
+    async fn start_inner(
+        files: &[(&str, &str)],
+        material: Option<Material>,
+        screened: bool,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config");
         std::fs::create_dir_all(&config).unwrap();
@@ -148,7 +163,11 @@ impl Harness {
             TokenVerifier::local_from_pem(signer.public_key_pem().as_bytes(), "weft-ca").unwrap();
         let store = Store::new(Settings::default());
         let metrics = Arc::new(Metrics::default());
-        let mut source = LocalSource::new(config).with_screen(Screen::new(&metrics));
+        let mut source = LocalSource::new(config).with_screen(if screened {
+            Screen::new(&metrics)
+        } else {
+            Screen::pass_all()
+        });
         source.sync(&store);
         let discovery = Discovery::new(
             store.clone(),

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 use weft_api::validate::parse_documents;
 
-use super::screen::{self, Screen, content_hash};
+use super::screen::{Screen, content_hash};
 use crate::resources::{Object, ObjectKey, Store};
 
 /// How often the directory is scanned.
@@ -154,7 +154,7 @@ impl LocalSource {
                 }
             };
             let key = key_of_value(&value);
-            if let Err(rejection) = screen::check(&value) {
+            if let Err(rejection) = screen.check(&value) {
                 match key {
                     Some(key) => {
                         screen.hold(&key, rejection);
