@@ -58,6 +58,8 @@ pub const ANNOTATION_CA: &str = "localnode.weft.dev/ca";
 /// config model) for the pod's proxy, run as `weft-proxy --config PATH` without the control
 /// plane; the file names the certificate files it uses.
 pub const ANNOTATION_PROXY_CONFIG: &str = "localnode.weft.dev/proxy-config";
+/// The node label the eBPF agent sets: `ready` or `unsupported`.
+pub const REDIRECT_NODE_LABEL: &str = "weft.dev/ebpf-redirect";
 /// Binaries the local node knows how to run, by command or image name.
 const KNOWN_BINARIES: [&str; 4] = [
     "weft-proxy",
@@ -271,6 +273,7 @@ impl LocalNode {
             }
             *node.agents.lock().unwrap_or_else(|p| p.into_inner()) = agents;
         }
+        node.publish_nodes()?;
         let cp = node.start_control_plane("control-plane", 443, 15012, &[])?;
         *node.control_plane.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
         tracing::info!(node = %node.id, "local node started");
@@ -331,6 +334,14 @@ impl LocalNode {
                         .unwrap_or_default();
                     self.state().namespaces.insert(name.clone(), labels);
                     self.publish("Namespace", "", &name, &value)?;
+                    config_changed = true;
+                }
+                "Node" => {
+                    let name = value["metadata"]["name"]
+                        .as_str()
+                        .context("Node without a name")?
+                        .to_owned();
+                    self.publish("Node", "", &name, &value)?;
                     config_changed = true;
                 }
                 "ServiceAccount" | "ConfigMap" => {}
@@ -1346,6 +1357,41 @@ impl LocalNode {
             .get_mut(index)
             .context("no such agent")?
             .restart(down_for)
+    }
+
+    /// Publishes the simulated nodes as Node objects, as the API server holds them: each
+    /// eBPF agent labels its node `weft.dev/ebpf-redirect` with what its `/healthz` says
+    /// (`ready`, or `unsupported` when the kernel lacks a hook), as the DaemonSet's agent does;
+    /// nodes without an agent carry no such label.
+    fn publish_nodes(&self) -> anyhow::Result<()> {
+        let agents: Vec<(String, SocketAddr)> = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|a| (a.node_name(), a.listen()))
+            .collect();
+        for i in 0..self.options.nodes.max(1) {
+            let name = format!("node-{i}");
+            let mut labels = serde_json::Map::new();
+            labels.insert("kubernetes.io/hostname".into(), name.clone().into());
+            if let Some((_, listen)) = agents.iter().find(|(n, _)| *n == name) {
+                let (_, _, body) = self.http_get_body(listen.ip(), listen.port(), "/healthz")?;
+                let state = if body.trim() == "ok" {
+                    "ready"
+                } else {
+                    "unsupported"
+                };
+                labels.insert(REDIRECT_NODE_LABEL.into(), state.into());
+            }
+            let node = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name, "labels": labels},
+            });
+            self.publish("Node", "", &name, &node)?;
+        }
+        Ok(())
     }
 
     /// The snapshot the control plane computes for a pod (`/debug/config_dump`).

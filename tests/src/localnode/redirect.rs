@@ -243,6 +243,14 @@ impl Agent {
         let _ = std::fs::remove_file(self.pod_file(namespace, name));
     }
 
+    /// The simulated node's name (`node-<index>`), as pods' `spec.nodeName` says it.
+    pub fn node_name(&self) -> String {
+        self.cgroup_root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     /// Where it serves `/healthz` and `/metrics` (in the node's network namespace).
     pub fn listen(&self) -> SocketAddr {
         self.listen
