@@ -179,21 +179,35 @@ pub fn retire_after(captured: &CaptureConnection, max: u32) {
 }
 
 pin_project_lite::pin_project! {
-    /// A plain TCP connection of the HTTP/1 pool, with its request count.
-    pub struct CountedIo {
+    /// A pooled upstream connection (plain TCP of the HTTP/1 pool, or a TLS origination's
+    /// stream) with its request count, telling the client whether ALPN chose HTTP/2.
+    pub struct CountedIo<T> {
         #[pin]
-        inner: TokioIo<TcpStream>,
+        inner: TokioIo<T>,
+        h2: bool,
         uses: ConnUses,
     }
 }
 
-impl Connection for CountedIo {
-    fn connected(&self) -> Connected {
-        self.inner.connected().extra(self.uses.clone())
+impl<T> CountedIo<T> {
+    /// A new connection that has carried no request yet.
+    pub fn new(stream: T, h2: bool) -> Self {
+        CountedIo {
+            inner: TokioIo::new(stream),
+            h2,
+            uses: ConnUses::default(),
+        }
     }
 }
 
-impl hyper::rt::Read for CountedIo {
+impl<T> Connection for CountedIo<T> {
+    fn connected(&self) -> Connected {
+        let c = Connected::new().extra(self.uses.clone());
+        if self.h2 { c.negotiated_h2() } else { c }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Read for CountedIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -203,7 +217,7 @@ impl hyper::rt::Read for CountedIo {
     }
 }
 
-impl hyper::rt::Write for CountedIo {
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Write for CountedIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -227,6 +241,19 @@ impl hyper::rt::Write for CountedIo {
     ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write_vectored(cx, bufs)
     }
+}
+
+/// The address of a pooling client's URI, whose host is always an IP here.
+pub fn uri_addr(uri: &Uri, default_port: u16) -> io::Result<SocketAddr> {
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: IpAddr = host.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{uri}: host is not an IP"),
+        )
+    })?;
+    Ok(SocketAddr::new(ip, uri.port_u16().unwrap_or(default_port)))
 }
 
 /// Turns on TCP keepalive on an upstream socket.
@@ -449,7 +476,7 @@ pub struct Connector {
 }
 
 impl tower::Service<Uri> for Connector {
-    type Response = CountedIo;
+    type Response = CountedIo<TcpStream>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -461,23 +488,11 @@ impl tower::Service<Uri> for Connector {
         let timeout = self.timeout;
         let keepalive = self.keepalive;
         Box::pin(async move {
-            let host = uri.host().unwrap_or_default();
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let ip: IpAddr = host.parse().map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{uri}: host is not an IP"),
-                )
-            })?;
-            let port = uri.port_u16().unwrap_or(80);
-            let stream = connect_plain(SocketAddr::new(ip, port), timeout).await?;
+            let stream = connect_plain(uri_addr(&uri, 80)?, timeout).await?;
             if let Some(k) = &keepalive {
                 let _ = set_keepalive(&stream, k);
             }
-            Ok(CountedIo {
-                inner: TokioIo::new(stream),
-                uses: ConnUses::default(),
-            })
+            Ok(CountedIo::new(stream, false))
         })
     }
 }

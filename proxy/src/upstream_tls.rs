@@ -12,8 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -24,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use weft_api::config::{self as model, ConfigError, UpstreamTlsMode};
 
-use crate::pool::ConnUses;
+use crate::pool::{self, CountedIo};
 
 /// Errors building an upstream TLS client.
 #[derive(Debug, thiserror::Error)]
@@ -321,59 +319,6 @@ impl ServerCertVerifier for SanVerifier {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A TLS connection for the HTTP client, telling it whether ALPN chose HTTP/2.
-    pub struct TlsIo {
-        #[pin]
-        inner: TokioIo<TlsStream<TcpStream>>,
-        h2: bool,
-        uses: ConnUses,
-    }
-}
-
-impl Connection for TlsIo {
-    fn connected(&self) -> Connected {
-        let c = Connected::new().extra(self.uses.clone());
-        if self.h2 { c.negotiated_h2() } else { c }
-    }
-}
-
-impl hyper::rt::Read for TlsIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TlsIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-}
-
 /// Connector of a SIMPLE / MUTUAL cluster's HTTP client: TLS to the URI's address.
 #[derive(Debug, Clone)]
 pub struct TlsConnector {
@@ -384,9 +329,9 @@ pub struct TlsConnector {
 }
 
 impl tower::Service<Uri> for TlsConnector {
-    type Response = TlsIo;
+    type Response = CountedIo<TlsStream<TcpStream>>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TlsIo>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -395,25 +340,13 @@ impl tower::Service<Uri> for TlsConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri.host().unwrap_or_default();
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let ip: std::net::IpAddr = host.parse().map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{uri}: host is not an IP"),
-                )
-            })?;
-            let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(443));
+            let addr = pool::uri_addr(&uri, 443)?;
             let stream = this
                 .tls
                 .connect(addr, this.tls.http.clone(), this.timeout)
                 .await?;
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            Ok(TlsIo {
-                inner: TokioIo::new(stream),
-                h2,
-                uses: ConnUses::default(),
-            })
+            Ok(CountedIo::new(stream, h2))
         })
     }
 }
