@@ -15,6 +15,7 @@ use kube::core::{DynamicObject, Status};
 use tracing::{debug, info, warn};
 use weft_api::validate::{Severity, validate_object};
 
+use crate::inject::mode::NodeView;
 use crate::inject::{InjectContext, Outcome, inject};
 use crate::mesh::MeshConfig;
 
@@ -90,20 +91,34 @@ pub fn to_json(review: &AdmissionReview<DynamicObject>) -> Result<Vec<u8>, serde
 }
 
 /// Answers a `/inject` review: pods being created get the sidecar; anything else is allowed
-/// unchanged.
+/// unchanged. Without node information: a pod in eBPF mode keeps it (see
+/// [`review_inject_with_nodes`]).
 pub fn review_inject(
     body: &[u8],
     mesh: &MeshConfig,
     cluster_supports_native_sidecars: Option<bool>,
 ) -> Result<AdmissionReview<DynamicObject>, ReviewError> {
+    review_inject_with_nodes(body, mesh, cluster_supports_native_sidecars, None)
+}
+
+/// [`review_inject`] knowing the nodes: a pod in eBPF mode gets it only where the nodes'
+/// eBPF agents are ready, else iptables mode and an admission warning saying why
+/// ([`crate::inject::mode::choose`]).
+pub fn review_inject_with_nodes(
+    body: &[u8],
+    mesh: &MeshConfig,
+    cluster_supports_native_sidecars: Option<bool>,
+    nodes: Option<NodeView>,
+) -> Result<AdmissionReview<DynamicObject>, ReviewError> {
     let req = parse_request(body)?;
-    Ok(inject_response(&req, mesh, cluster_supports_native_sidecars).into_review())
+    Ok(inject_response(&req, mesh, cluster_supports_native_sidecars, nodes).into_review())
 }
 
 fn inject_response(
     req: &AdmissionRequest<DynamicObject>,
     mesh: &MeshConfig,
     cluster_supports_native_sidecars: Option<bool>,
+    nodes: Option<NodeView>,
 ) -> AdmissionResponse {
     let name = object_name(req);
     let namespace = req.namespace.clone().unwrap_or_default();
@@ -126,6 +141,7 @@ fn inject_response(
         namespace: req.namespace.clone(),
         workload_name: None,
         cluster_supports_native_sidecars,
+        nodes,
     };
     match inject(&pod, mesh, &ctx) {
         Ok(Outcome::Skip(reason)) => {
@@ -133,7 +149,9 @@ fn inject_response(
             allowed
         }
         Ok(Outcome::Injected(injection)) => {
-            info!(uid = %req.uid, %namespace, %name, ops = injection.patch.0.len(), "injected");
+            let mode = injection.mode.as_str();
+            let warnings = injection.warnings.len();
+            info!(uid = %req.uid, %namespace, %name, %mode, warnings, ops = injection.patch.0.len(), "injected");
             match allowed.with_patch(injection.patch) {
                 Ok(resp) => with_warnings(resp, injection.warnings),
                 Err(e) => denied(req, format!("internal error: {e}")),

@@ -6,7 +6,8 @@
 //!
 //! What is added:
 //! - `weft-init`, an init container running `weft-redirector init <InitArgs>` as root with
-//!   `NET_ADMIN` and `NET_RAW` (skipped in interception mode `NONE`);
+//!   `NET_ADMIN` and `NET_RAW` (skipped in interception mode `NONE`; in mode `EBPF` only where
+//!   the nodes' eBPF agents are ready, else `REDIRECT` with a warning, see [`mode`]);
 //! - `weft-proxy`, as a native sidecar (init container with `restartPolicy: Always` right after
 //!   `weft-init`) or, in classic mode, as the first container with a postStart hook running
 //!   `weft-proxy wait` (or as the last one when the app need not wait for it);
@@ -17,6 +18,7 @@
 //!   and `prometheus.io/*`.
 
 pub mod annotations;
+pub mod mode;
 pub mod patch;
 pub mod probes;
 pub mod sidecar;
@@ -30,6 +32,7 @@ use weft_api::bootstrap::{AppPort, AppProbes};
 use weft_api::redirect::InterceptionMode;
 
 use self::annotations::Decision;
+use self::mode::NodeView;
 use self::sidecar::{AppInfo, Placement};
 use self::status::SidecarStatus;
 use crate::mesh::MeshConfig;
@@ -62,6 +65,10 @@ pub struct InjectContext {
     /// `Some(true)` when the API server supports native sidecars (≥ 1.29), `Some(false)` when
     /// it does not, `None` when there is no cluster (then `nativeSidecar: auto` means native).
     pub cluster_supports_native_sidecars: Option<bool>,
+    /// What is known of the nodes' eBPF agents: a pod in interception mode `EBPF` keeps it
+    /// only where they are ready ([`mode::choose`]). `None` when nothing is known (offline
+    /// `inject -f`): the requested mode is kept.
+    pub nodes: Option<NodeView>,
 }
 
 /// Why a pod is not injected: sent back to the user as the admission denial message.
@@ -140,6 +147,8 @@ pub struct Injection {
     pub patch: json_patch::Patch,
     /// Annotations that were ignored and other things the user should know.
     pub warnings: Vec<String>,
+    /// The interception mode injected (`EBPF` asked for may have become `REDIRECT`).
+    pub mode: InterceptionMode,
 }
 
 /// The result of [`inject`] for a pod that is not denied.
@@ -153,7 +162,7 @@ pub enum Outcome {
 
 /// Injects the sidecar into `pod`.
 pub fn inject(pod: &Pod, mesh: &MeshConfig, ctx: &InjectContext) -> Result<Outcome, Denial> {
-    let (after, warnings) = match mutate(pod, mesh, ctx)? {
+    let (after, warnings, mode) = match mutate(pod, mesh, ctx)? {
         Ok(done) => done,
         Err(skip) => return Ok(Outcome::Skip(skip)),
     };
@@ -165,6 +174,7 @@ pub fn inject(pod: &Pod, mesh: &MeshConfig, ctx: &InjectContext) -> Result<Outco
         patch: patch::build(&before_json, &after_json),
         pod: after,
         warnings,
+        mode,
     })))
 }
 
@@ -195,7 +205,7 @@ pub fn is_injected(pod: &Pod) -> bool {
     }
 }
 
-type Mutated = Result<(Pod, Vec<String>), Skip>;
+type Mutated = Result<(Pod, Vec<String>, InterceptionMode), Skip>;
 
 fn mutate(pod: &Pod, mesh: &MeshConfig, ctx: &InjectContext) -> Result<Mutated, Denial> {
     match annotations::decision(pod)? {
@@ -226,6 +236,13 @@ fn mutate(pod: &Pod, mesh: &MeshConfig, ctx: &InjectContext) -> Result<Mutated, 
     }
     let mut settings = annotations::settings(pod, mesh, ctx.cluster_supports_native_sidecars)?;
     let mut warnings = std::mem::take(&mut settings.warnings);
+    let choice = mode::choose(
+        settings.init_args.mode,
+        spec.node_name.as_deref(),
+        ctx.nodes.as_ref(),
+    );
+    settings.init_args.mode = choice.mode;
+    warnings.extend(choice.warning);
 
     let mut after = pod.clone();
     let spec = after.spec.get_or_insert_with(Default::default);
@@ -423,7 +440,7 @@ fn mutate(pod: &Pod, mesh: &MeshConfig, ctx: &InjectContext) -> Result<Mutated, 
             );
         }
     }
-    Ok(Ok((after, warnings)))
+    Ok(Ok((after, warnings, settings.init_args.mode)))
 }
 
 /// Removes and returns the containers matching `pred`, keeping the others in order.
@@ -586,6 +603,93 @@ spec:
         assert!(
             e.contains("sidecar.istio.io/interceptionMode") && e.contains("TPROXY"),
             "{e}"
+        );
+    }
+
+    /// The `--mode=` of the injected `weft-init` and the warnings.
+    fn injected_mode(p: &Pod, mesh: &MeshConfig, nodes: Option<NodeView>) -> (String, Vec<String>) {
+        let ctx = InjectContext {
+            nodes,
+            ..InjectContext::default()
+        };
+        let Outcome::Injected(inj) = inject(p, mesh, &ctx).expect("ok") else {
+            panic!("not injected")
+        };
+        let spec = inj.pod.spec.expect("spec");
+        let init = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == sidecar::INIT_CONTAINER)
+            .expect("weft-init");
+        let mode = init
+            .args
+            .iter()
+            .flatten()
+            .find_map(|a| a.strip_prefix("--mode="))
+            .expect("--mode")
+            .to_owned();
+        assert_eq!(mode, inj.mode.as_str());
+        (mode, inj.warnings)
+    }
+
+    #[test]
+    fn ebpf_mode_falls_back_to_redirect_where_the_agent_is_not_ready() {
+        let ebpf_pod = |node: &str| {
+            pod(&format!(
+                r#"
+metadata:
+  name: p
+  annotations: {{sidecar.istio.io/interceptionMode: EBPF}}
+spec:
+  {node}
+  containers: [{{name: a}}]
+"#
+            ))
+        };
+        let mixed = NodeView::from_labels([("n0", Some("ready")), ("n1", Some("unsupported"))]);
+        let ready = NodeView::from_labels([("n0", Some("ready")), ("n1", Some("ready"))]);
+        let mesh = MeshConfig::default();
+
+        let (mode, warnings) = injected_mode(&ebpf_pod(""), &mesh, Some(mixed.clone()));
+        assert_eq!(mode, "redirect");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(r#""n1" (weft.dev/ebpf-redirect="unsupported")"#)),
+            "{warnings:?}"
+        );
+        let (mode, warnings) = injected_mode(&ebpf_pod(""), &mesh, Some(ready));
+        assert_eq!((mode.as_str(), warnings.len()), ("ebpf", 0), "{warnings:?}");
+        // Bound to the ready node already.
+        let (mode, warnings) = injected_mode(&ebpf_pod("nodeName: n0"), &mesh, Some(mixed.clone()));
+        assert_eq!((mode.as_str(), warnings.len()), ("ebpf", 0), "{warnings:?}");
+        // No node information: as asked.
+        let (mode, _) = injected_mode(&ebpf_pod(""), &mesh, None);
+        assert_eq!(mode, "ebpf");
+
+        // The mesh config's EBPF falls back the same way; a pod's REDIRECT stays as it is.
+        let mesh: MeshConfig =
+            MeshConfig::from_yaml("interceptionMode: EBPF\n").expect("mesh config");
+        let plain = pod("metadata: {name: p}\nspec: {containers: [{name: a}]}");
+        let (mode, warnings) = injected_mode(&plain, &mesh, Some(NodeView::default()));
+        assert_eq!(mode, "redirect");
+        assert!(
+            warnings.iter().any(|w| w.contains("not listed")),
+            "{warnings:?}"
+        );
+        let redirect = pod(r#"
+metadata:
+  name: p
+  annotations: {sidecar.istio.io/interceptionMode: REDIRECT}
+spec:
+  containers: [{name: a}]
+"#);
+        let (mode, warnings) = injected_mode(&redirect, &mesh, Some(mixed));
+        assert_eq!(
+            (mode.as_str(), warnings.len()),
+            ("redirect", 0),
+            "{warnings:?}"
         );
     }
 

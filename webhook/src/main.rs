@@ -94,8 +94,11 @@ struct ServeArgs {
     /// Namespace of mesh-wide policies (PeerAuthentication, Sidecar).
     #[arg(long, default_value = weft_webhook::resources::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
-    /// Another trusted root (PEM), sent to proxies with the mesh root (root rotation).
-    #[arg(long = "extra-root")]
+    /// Another trusted root, sent to proxies with the mesh root (root rotation): a PEM file,
+    /// or a directory whose `*.pem` / `*.crt` files are each one. Repeatable. Re-read while
+    /// running (every second, or with the CA Secret every 30 s): a root added or removed
+    /// reaches the proxies without a restart.
+    #[arg(long = "extra-root", value_name = "FILE|DIR")]
     extra_roots: Vec<PathBuf>,
     /// Longest workload certificate the CA issues (`24h`, `7d`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]

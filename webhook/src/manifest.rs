@@ -168,6 +168,8 @@ fn inject_value(
             .flatten()
             .map(str::to_owned),
         cluster_supports_native_sidecars: native,
+        // Offline there are no nodes to ask: a pod in eBPF mode keeps it.
+        nodes: None,
     };
     let Some(template) = value.pointer_mut(pointer) else {
         return Ok(value);

@@ -160,7 +160,8 @@ pub struct MeshConfig {
     pub root_cert_config_map: String,
     /// Default proxy log level (`info`, or a `tracing` filter).
     pub log_level: String,
-    /// Default interception mode: `REDIRECT`, `EBPF` or `NONE`.
+    /// Default interception mode: `REDIRECT`, `EBPF` or `NONE`. `EBPF` is injected only where
+    /// the nodes' eBPF agents are ready, else `REDIRECT` (see [`crate::inject::mode`]).
     pub interception_mode: InterceptionMode,
     /// Port of the proxy's status server (app probes, merged metrics, `/quitquitquit`).
     pub status_port: u16,

@@ -1,13 +1,17 @@
-//! What the control plane knows of the cluster: namespaces, services, pods, endpoint slices
-//! and the Istio / Gateway API / SMI resources, whichever source filled it (Kubernetes
+//! What the control plane knows of the cluster: namespaces, services, pods, endpoint slices,
+//! nodes and the Istio / Gateway API / SMI resources, whichever source filled it (Kubernetes
 //! watches or a directory of YAML). [`Store`] is the mutable, shared side; every change bumps a
 //! generation that discovery watches. [`Resources`] is an immutable copy that translation reads.
+//!
+//! Nodes are the exception: only the injector reads them (their labels say where eBPF
+//! redirection works, see [`crate::inject::mode`]), so they are kept as name → labels and a
+//! change of a node never bumps the generation nor rebuilds the translation index.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::watch;
@@ -63,6 +67,9 @@ pub struct ConfigEntry {
 /// `(group/kind, namespace, name)` of a config resource.
 pub type ConfigKey = (String, String, String);
 
+/// Nodes by name, each with its labels: all the control plane keeps of a node.
+pub type NodeLabels = BTreeMap<String, BTreeMap<String, String>>;
+
 /// One object from a source, shared (sources and the store hold the same allocation).
 #[derive(Debug, Clone)]
 pub enum Object {
@@ -74,6 +81,8 @@ pub enum Object {
     Pod(Arc<Pod>),
     /// An endpoint slice.
     EndpointSlice(Arc<EndpointSlice>),
+    /// A node (only its name and labels, see [`Object::node`]).
+    Node(Arc<Node>),
     /// An Istio / Gateway API / SMI resource.
     Config(Arc<AnyResource>),
 }
@@ -81,9 +90,9 @@ pub enum Object {
 /// Which object, for removal.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
-    /// `Namespace`, `Service`, `Pod`, `EndpointSlice` or `group/Kind`.
+    /// `Namespace`, `Service`, `Pod`, `EndpointSlice`, `Node` or `group/Kind`.
     pub kind: String,
-    /// Namespace (empty for namespaces).
+    /// Namespace (empty for namespaces and nodes, which have none).
     pub namespace: String,
     /// Name.
     pub name: String,
@@ -105,6 +114,13 @@ impl Object {
             Object::Namespace(n) => {
                 return ObjectKey {
                     kind: "Namespace".into(),
+                    namespace: String::new(),
+                    name: n.metadata.name.clone().unwrap_or_default(),
+                };
+            }
+            Object::Node(n) => {
+                return ObjectKey {
+                    kind: "Node".into(),
                     namespace: String::new(),
                     name: n.metadata.name.clone().unwrap_or_default(),
                 };
@@ -145,6 +161,11 @@ impl Object {
         Object::Pod(Arc::new(slim_pod(p)))
     }
 
+    /// A node, slimmed by [`slim_node`].
+    pub fn node(n: Node) -> Object {
+        Object::Node(Arc::new(slim_node(n)))
+    }
+
     /// Reads a Kubernetes object from JSON: `Ok(None)` for kinds the control plane ignores.
     pub fn from_value(value: &serde_json::Value) -> Result<Option<Object>, String> {
         let api_version = value
@@ -159,6 +180,7 @@ impl Object {
             ("v1", "Namespace") => Object::namespace(typed(kind, value)?),
             ("v1", "Service") => Object::service(typed(kind, value)?),
             ("v1", "Pod") => Object::pod(typed(kind, value)?),
+            ("v1", "Node") => Object::node(typed(kind, value)?),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 Object::EndpointSlice(Arc::new(typed(kind, value)?))
             }
@@ -191,6 +213,9 @@ pub struct Resources {
     pub pods: BTreeMap<Key, Arc<Pod>>,
     /// Endpoint slices (Kubernetes only; without them endpoints come from pods and selectors).
     pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    /// Nodes and their labels, for the injector; shared so that a request takes them without
+    /// copying. Not translated for proxies.
+    pub nodes: Arc<NodeLabels>,
     /// Istio / Gateway API / SMI resources.
     pub configs: BTreeMap<ConfigKey, ConfigEntry>,
     index: OnceLock<Arc<Index>>,
@@ -207,6 +232,13 @@ impl Resources {
 
     /// Adds or replaces an object.
     pub fn upsert(&mut self, object: Object) {
+        if let Object::Node(n) = &object {
+            // Not translated: the index stays.
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let labels = n.metadata.labels.clone().unwrap_or_default();
+            Arc::make_mut(&mut self.nodes).insert(name, labels);
+            return;
+        }
         self.index = OnceLock::new();
         match object {
             Object::Namespace(n) => {
@@ -222,6 +254,7 @@ impl Resources {
             Object::EndpointSlice(e) => {
                 self.endpoint_slices.insert(meta_key(&e.metadata), e);
             }
+            Object::Node(_) => {}
             Object::Config(c) => {
                 let k = c.known_kind();
                 let (ns, name) = meta_key(c.metadata());
@@ -246,6 +279,10 @@ impl Resources {
 
     /// Removes an object; true when it was there.
     pub fn remove(&mut self, key: &ObjectKey) -> bool {
+        if key.kind == "Node" {
+            return self.nodes.contains_key(&key.name)
+                && Arc::make_mut(&mut self.nodes).remove(&key.name).is_some();
+        }
         self.index = OnceLock::new();
         let k = (key.namespace.clone(), key.name.clone());
         match key.kind.as_str() {
@@ -259,12 +296,18 @@ impl Resources {
 
     /// Drops every object of `kind` that `keep` refuses (a Kubernetes re-list).
     pub fn retain_kind(&mut self, kind: &str, keep: impl Fn(&ObjectKey) -> bool) {
-        self.index = OnceLock::new();
         let key = |ns: &str, name: &str| ObjectKey {
             kind: kind.to_owned(),
             namespace: ns.to_owned(),
             name: name.to_owned(),
         };
+        if kind == "Node" {
+            if self.nodes.keys().any(|n| !keep(&key("", n))) {
+                Arc::make_mut(&mut self.nodes).retain(|n, _| keep(&key("", n)));
+            }
+            return;
+        }
+        self.index = OnceLock::new();
         match kind {
             "Namespace" => self.namespaces.retain(|n, _| keep(&key("", n))),
             "Service" => self.services.retain(|(ns, n), _| keep(&key(ns, n))),
@@ -287,6 +330,26 @@ impl Resources {
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Pod>> {
         self.pods.get(&(namespace.to_owned(), name.to_owned()))
     }
+
+    /// Whether storing `object` would change nothing: a node whose labels are those already
+    /// stored. Kubernetes sends a node's every status update; only its labels matter here.
+    pub fn holds(&self, object: &Object) -> bool {
+        match object {
+            Object::Node(n) => {
+                let name = n.metadata.name.as_deref().unwrap_or_default();
+                let empty = BTreeMap::new();
+                self.nodes
+                    .get(name)
+                    .is_some_and(|stored| stored == n.metadata.labels.as_ref().unwrap_or(&empty))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether a change of objects of this kind can change what proxies are sent (nodes cannot).
+pub fn is_translated(kind: &str) -> bool {
+    kind != "Node"
 }
 
 /// The shared, mutable store. Writers bump the generation; readers take [`Store::snapshot`].
@@ -379,6 +442,20 @@ pub fn is_meshed(pod: &Pod) -> bool {
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(ANNOTATION_SIDECAR_STATUS))
+}
+
+/// Keeps only what the injector reads of a node: its name and labels. A node from a cluster
+/// is mostly status (conditions, images, addresses) that changes all the time.
+pub fn slim_node(node: Node) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: node.metadata.name,
+            labels: node.metadata.labels,
+            ..ObjectMeta::default()
+        },
+        spec: None,
+        status: None,
+    }
 }
 
 /// Keeps only what translation and discovery read of a pod: name, namespace, labels, the

@@ -15,7 +15,11 @@
 //! [`crate::control_plane::trust`]): a new root or CA reaches every proxy on its open config
 //! stream, the published root file or ConfigMaps, and the port's own TLS.
 //!
-//! Without either (`--kubernetes false` and no `--local-dir`) only the webhook runs.
+//! In both, the injector reads the nodes from the store: a pod in eBPF interception mode keeps
+//! it only where the nodes' eBPF agents are ready (see [`crate::inject::mode`]).
+//!
+//! Without either (`--kubernetes false` and no `--local-dir`) only the webhook runs, knowing no
+//! nodes: a pod in eBPF mode keeps it.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -36,7 +40,7 @@ use crate::mesh::{MeshConfig, MeshError};
 use crate::metrics::Metrics;
 use crate::registration::{self, RegistrationError};
 use crate::resources::{Settings, Store};
-use crate::server::{self, AppState, ServerError};
+use crate::server::{self, AppState, NodeSource, ServerError};
 use crate::serving_cert::{self, CertError, ServingCert};
 use crate::source::kube as kube_source;
 use crate::source::local::LocalSource;
@@ -261,10 +265,11 @@ pub async fn run(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Resu
     let state = Arc::new(AppState {
         mesh,
         cluster_supports_native_sidecars: cluster_native,
+        nodes: control.as_ref().map(|c| c.nodes.clone()),
     });
     let mut router = server::router(state);
-    if let Some((cp, _, _, _)) = &control {
-        router = router.merge(control_plane::observability_router(cp.discovery.clone()));
+    if let Some(c) = &control {
+        router = router.merge(control_plane::observability_router(c.cp.discovery.clone()));
     }
     let listener = server::bind(opts.listen).await?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -273,10 +278,10 @@ pub async fn run(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Resu
         let _ = stop_tx.send(true);
     });
     let result = match control {
-        Some((cp, live_ca, cp_listener, cp_tls)) => {
-            let cp_router = control_plane::router_with(cp, live_ca);
+        Some(c) => {
+            let cp_router = control_plane::router_with(c.cp, c.live_ca);
             let cp_serve =
-                control_plane::serve(cp_listener, cp_tls, cp_router, trust_domain, async move {
+                control_plane::serve(c.listener, c.tls, cp_router, trust_domain, async move {
                     let _ = stop_rx.wait_for(|stop| *stop).await;
                 });
             let (result, ()) = tokio::join!(webhook, cp_serve);
@@ -288,13 +293,19 @@ pub async fn run(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Resu
     result.map_err(ServeError::from)
 }
 
-/// The control plane, ready to serve: shared state, the CA in force, the port and its TLS.
-type Started = (
-    Arc<ControlPlane>,
-    Arc<LiveCa>,
-    tokio::net::TcpListener,
-    Arc<rustls::ServerConfig>,
-);
+/// The control plane, ready to serve.
+struct Started {
+    /// Shared state.
+    cp: Arc<ControlPlane>,
+    /// The CA in force.
+    live_ca: Arc<LiveCa>,
+    /// The control-plane port.
+    listener: tokio::net::TcpListener,
+    /// Its TLS.
+    tls: Arc<rustls::ServerConfig>,
+    /// The nodes, for the injector.
+    nodes: NodeSource,
+}
 
 /// Loads the CA, starts the sources, discovery and the root rotation, and binds the
 /// control-plane port.
@@ -355,13 +366,17 @@ async fn start_control_plane(
     // counted in `weft_config_rejected`.
     let screen = Screen::new(&metrics);
     let mut pods_listed = None;
+    let mut nodes = NodeSource::complete(store.clone());
     if let Some(dir) = &opts.local_dir {
         let mut source = LocalSource::new(dir.clone()).with_screen(screen);
-        // Before discovery starts: its first epoch is the directory's content.
+        // Before discovery starts: its first epoch is the directory's content (and the
+        // injector's first view of the nodes is complete).
         source.sync(&store);
         tasks.spawn(source.run(store.clone()));
     } else if let Some(client) = client {
-        pods_listed = Some(kube_source::spawn_watches(client, &store, &screen, tasks));
+        let listed = kube_source::spawn_watches(client, &store, &screen, tasks);
+        nodes = NodeSource::new(store.clone(), listed.nodes);
+        pods_listed = Some(listed.pods);
     }
     let discovery = Discovery::new(
         store.clone(),
@@ -397,15 +412,16 @@ async fn start_control_plane(
         }
     }));
     let listener = control_plane::bind(opts.control_plane_listen).await?;
-    Ok((
-        Arc::new(ControlPlane {
+    Ok(Started {
+        cp: Arc::new(ControlPlane {
             ca,
             verifier,
             discovery,
             metrics,
         }),
-        live,
+        live_ca: live,
         listener,
-        server_config,
-    ))
+        tls: server_config,
+        nodes,
+    })
 }

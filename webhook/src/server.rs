@@ -1,10 +1,11 @@
 //! The HTTPS server: axum routes around [`crate::admission`], served over rustls.
 //!
-//! Routes: `POST /inject`, `POST /validate`, `GET /healthz`. A request body that cannot be read
-//! in full gets 400 with a message saying what was wrong: larger than [`MAX_BODY_BYTES`]
-//! (declared or sent), cut short by the client (fewer bytes than its `content-length`), or not
-//! complete within [`REQUEST_TIMEOUT`]; so does a body that is not an AdmissionReview. A
-//! connection that does not finish its TLS handshake or send its headers in time is closed.
+//! Routes: `POST /inject` (knowing the nodes through [`AppState::nodes`]), `POST /validate`,
+//! `GET /healthz`. A request body that cannot be read in full gets 400 with a message saying
+//! what was wrong: larger than [`MAX_BODY_BYTES`] (declared or sent), cut short by the client
+//! (fewer bytes than its `content-length`), or not complete within [`REQUEST_TIMEOUT`]; so does
+//! a body that is not an AdmissionReview. A connection that does not finish its TLS handshake
+//! or send its headers in time is closed.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,11 +27,14 @@ use hyper_util::service::TowerToHyperService;
 use kube::core::DynamicObject;
 use kube::core::admission::AdmissionReview;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::admission::{self, ReviewError};
+use crate::inject::mode::NodeView;
 use crate::mesh::MeshConfig;
+use crate::resources::Store;
 
 /// Largest request body accepted (the API server's own limit for an object is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 4 << 20;
@@ -42,6 +46,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time in-flight requests get to finish on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long after start an injection waits for the nodes' first list (a control plane
+/// that just started has not read them yet). Afterwards, or when the list fails, it does not
+/// wait: with the body's [`REQUEST_TIMEOUT`] the answer stays inside the API server's
+/// `timeoutSeconds` of 10.
+pub const NODES_LIST_WAIT: Duration = Duration::from_secs(3);
 
 /// Errors of the server itself (not of single requests).
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +128,49 @@ pub struct AppState {
     pub mesh: MeshConfig,
     /// What is known of the cluster's native sidecar support (`None`: no cluster).
     pub cluster_supports_native_sidecars: Option<bool>,
+    /// Where the nodes are known (the control plane's store); `None` without a cluster or a
+    /// local directory: a pod in eBPF mode then keeps it.
+    pub nodes: Option<NodeSource>,
+}
+
+/// The nodes as the store holds them, for the injector's eBPF decision.
+#[derive(Debug, Clone)]
+pub struct NodeSource {
+    store: Arc<Store>,
+    listed: watch::Receiver<bool>,
+    wait_until: tokio::time::Instant,
+}
+
+impl NodeSource {
+    /// The nodes of `store`, complete once `listed` turns true. Requests in the first
+    /// [`NODES_LIST_WAIT`] from now wait for that.
+    pub fn new(store: Arc<Store>, listed: watch::Receiver<bool>) -> Self {
+        Self {
+            store,
+            listed,
+            wait_until: tokio::time::Instant::now() + NODES_LIST_WAIT,
+        }
+    }
+
+    /// The nodes of `store`, which holds them all already (a directory read before serving).
+    pub fn complete(store: Arc<Store>) -> Self {
+        Self::new(store, watch::channel(true).1)
+    }
+
+    /// The nodes now: after the first list, or as they are when [`NODES_LIST_WAIT`] has passed
+    /// since start (then the view says that the list is not complete).
+    pub async fn view(&self) -> NodeView {
+        let mut listed = self.listed.clone();
+        if !*listed.borrow() {
+            // A closed channel (the watch gone) or the deadline: the view says not listed.
+            let _ = tokio::time::timeout_at(self.wait_until, listed.wait_for(|l| *l)).await;
+        }
+        let listed = *listed.borrow();
+        NodeView {
+            nodes: self.store.snapshot().nodes.clone(),
+            listed,
+        }
+    }
 }
 
 /// Request limits of the router.
@@ -246,7 +298,16 @@ async fn inject(State(routes): State<Arc<Routes>>, req: Request) -> Response {
         Err(e) => return body_error(e),
     };
     let app = &routes.app;
-    match admission::review_inject(&body, &app.mesh, app.cluster_supports_native_sidecars) {
+    let nodes = match &app.nodes {
+        Some(source) => Some(source.view().await),
+        None => None,
+    };
+    match admission::review_inject_with_nodes(
+        &body,
+        &app.mesh,
+        app.cluster_supports_native_sidecars,
+        nodes,
+    ) {
         Ok(review) => review_response(&review),
         Err(e) => review_error(e),
     }

@@ -394,6 +394,30 @@ fn rendered_manifest_matches_what_the_webhook_expects() {
             assert_eq!(rule.verbs, ["get", "list", "watch"], "{rule:?}");
         }
     }
+    // Every kind the Kubernetes source watches can be listed and watched, nodes included
+    // (the injector's eBPF decision reads their labels).
+    let reads = |group: &str, resource: &str| {
+        cluster_role.rules.iter().flatten().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && ["list", "watch"]
+                    .iter()
+                    .all(|v| r.verbs.iter().any(|x| x == v))
+                && r.resource_names.is_none()
+        })
+    };
+    for (group, resource) in [
+        ("", "namespaces"),
+        ("", "services"),
+        ("", "pods"),
+        ("", "nodes"),
+        ("discovery.k8s.io", "endpointslices"),
+    ] {
+        assert!(
+            reads(group, resource),
+            "the control plane cannot list and watch {resource:?} of group {group:?}"
+        );
+    }
     assert_eq!(arg("control-plane-listen"), "0.0.0.0:15012");
     assert!(
         c.ports.iter().flatten().any(|p| p.container_port == 15012),

@@ -2,7 +2,8 @@
 //! (HTTP/1.1 and HTTP/2) by a hyper client that trusts the server's generated CA. The returned
 //! base64 JSON patch is applied with json-patch and the result checked. Bad bodies (malformed,
 //! oversized, truncated, never finished) get 400 with a message saying what was wrong, and never
-//! hang.
+//! hang. With Node objects in a local directory (read by the real local source into the real
+//! store), a pod in eBPF mode gets it only where the nodes' agents are ready.
 
 mod common;
 
@@ -25,8 +26,10 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use weft_webhook::mesh::MeshConfig;
-use weft_webhook::server::{self, AppState, Limits};
+use weft_webhook::resources::{Settings, Store};
+use weft_webhook::server::{self, AppState, Limits, NodeSource};
 use weft_webhook::serving_cert;
+use weft_webhook::source::local::LocalSource;
 
 struct TestServer {
     addr: SocketAddr,
@@ -37,6 +40,10 @@ struct TestServer {
 
 impl TestServer {
     async fn start(limits: Limits) -> TestServer {
+        TestServer::start_with(limits, None).await
+    }
+
+    async fn start_with(limits: Limits, nodes: Option<NodeSource>) -> TestServer {
         let cert = serving_cert::generate(&serving_cert::service_dns_names(
             "weft-control-plane",
             "weft-system",
@@ -46,6 +53,7 @@ impl TestServer {
         let state = Arc::new(AppState {
             mesh: MeshConfig::default(),
             cluster_supports_native_sidecars: None,
+            nodes,
         });
         let router = server::router_with(state, limits);
         let listener = server::bind("127.0.0.1:0".parse().expect("addr"))
@@ -253,6 +261,198 @@ async fn inject_over_https_returns_a_patch_that_injects() {
             }
         );
     }
+    server.stop().await;
+}
+
+/// What `/inject` answered for `pod`: the injected `weft-init`'s `--mode=` and the warnings.
+async fn inject_mode(server: &TestServer, pod: &Pod) -> (String, Vec<String>) {
+    let (status, body) = server
+        .post(
+            "/inject",
+            review("Pod", "pods", serde_json::to_value(pod).expect("pod")),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", text(&body));
+    let answer: Value = serde_json::from_slice(&body).expect("answer is json");
+    let resp = &answer["response"];
+    assert_eq!(resp["allowed"], true, "{resp}");
+    let patch = STANDARD
+        .decode(resp["patch"].as_str().expect("a patch"))
+        .expect("base64");
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).expect("json patch");
+    let mut doc = serde_json::to_value(pod).expect("pod json");
+    json_patch::patch(&mut doc, &patch).expect("patch applies");
+    let injected: Pod = serde_json::from_value(doc).expect("injected pod");
+    let init = common::container(&injected, "weft-init").expect("weft-init");
+    let mode = init
+        .args
+        .iter()
+        .flatten()
+        .find_map(|a| a.strip_prefix("--mode="))
+        .expect("--mode")
+        .to_owned();
+    let warnings = resp["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w.as_str().expect("warning text").to_owned())
+        .collect();
+    (mode, warnings)
+}
+
+fn write_nodes(dir: &std::path::Path, nodes: &[(&str, Option<&str>)]) {
+    let docs: Vec<String> = nodes
+        .iter()
+        .map(|(name, label)| {
+            let label = label
+                .map(|v| format!("\n    weft.dev/ebpf-redirect: {v}"))
+                .unwrap_or_default();
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    kubernetes.io/os: linux{label}\n"
+            )
+        })
+        .collect();
+    // Atomically, as the README asks of local-mode files.
+    let tmp = dir.join(".nodes.yaml.tmp");
+    std::fs::write(&tmp, docs.join("---\n")).expect("write nodes");
+    std::fs::rename(&tmp, dir.join("nodes.yaml")).expect("rename nodes");
+}
+
+fn ebpf_pod(node_name: Option<&str>) -> Pod {
+    let mut pod = corpus_pod("hello.yaml");
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("sidecar.istio.io/interceptionMode".into(), "EBPF".into());
+    if let Some(node) = node_name {
+        pod.spec.as_mut().expect("spec").node_name = Some(node.into());
+    }
+    pod
+}
+
+fn ebpf_warnings(warnings: &[String]) -> Vec<&String> {
+    warnings
+        .iter()
+        .filter(|w| w.contains("weft.dev/ebpf-redirect"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_mode_only_where_the_nodes_agents_are_ready() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_nodes(
+        tmp.path(),
+        &[("node-0", Some("ready")), ("node-1", Some("unsupported"))],
+    );
+    let store = Store::new(Settings::default());
+    let mut source = LocalSource::new(tmp.path().to_path_buf());
+    assert!(source.sync(&store));
+    let server =
+        TestServer::start_with(Limits::default(), Some(NodeSource::complete(store.clone()))).await;
+
+    // Not scheduled yet, one node unsupported: iptables, and a warning naming that node.
+    let (mode, warnings) = inject_mode(&server, &ebpf_pod(None)).await;
+    assert_eq!(mode, "redirect", "{warnings:?}");
+    let w = ebpf_warnings(&warnings);
+    assert_eq!(w.len(), 1, "{warnings:?}");
+    assert!(
+        w[0].contains(r#""node-1" (weft.dev/ebpf-redirect="unsupported")"#)
+            && !w[0].contains("node-0")
+            && w[0].contains("iptables (REDIRECT)"),
+        "{w:?}"
+    );
+    // Bound to the ready node, or to the unsupported one.
+    let (mode, warnings) = inject_mode(&server, &ebpf_pod(Some("node-0"))).await;
+    assert_eq!(mode, "ebpf", "{warnings:?}");
+    assert!(ebpf_warnings(&warnings).is_empty(), "{warnings:?}");
+    let (mode, warnings) = inject_mode(&server, &ebpf_pod(Some("node-1"))).await;
+    assert_eq!(mode, "redirect");
+    assert!(
+        ebpf_warnings(&warnings)
+            .iter()
+            .any(|w| w.contains(r#"its node "node-1" has weft.dev/ebpf-redirect="unsupported""#)),
+        "{warnings:?}"
+    );
+    // A pod that asks for iptables is never told anything.
+    let mut plain = ebpf_pod(None);
+    plain.metadata.annotations = None;
+    let (mode, warnings) = inject_mode(&server, &plain).await;
+    assert_eq!(mode, "redirect");
+    assert!(ebpf_warnings(&warnings).is_empty(), "{warnings:?}");
+
+    // The agent on node-1 comes up: every node is ready, eBPF it is.
+    write_nodes(
+        tmp.path(),
+        &[("node-0", Some("ready")), ("node-1", Some("ready"))],
+    );
+    assert!(source.sync(&store));
+    let (mode, warnings) = inject_mode(&server, &ebpf_pod(None)).await;
+    assert_eq!(mode, "ebpf", "{warnings:?}");
+    assert!(ebpf_warnings(&warnings).is_empty(), "{warnings:?}");
+
+    // No nodes at all.
+    std::fs::remove_file(tmp.path().join("nodes.yaml")).expect("rm");
+    assert!(source.sync(&store));
+    let (mode, warnings) = inject_mode(&server, &ebpf_pod(None)).await;
+    assert_eq!(mode, "redirect");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("no node reports a ready eBPF agent")),
+        "{warnings:?}"
+    );
+    server.stop().await;
+}
+
+/// A control plane that has just started answers once the nodes are listed, not before; a
+/// list that never completes makes the pod fall back, saying so, once the wait is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injection_waits_for_the_first_list_of_nodes() {
+    let store = Store::new(Settings::default());
+    let (listed_tx, listed) = tokio::sync::watch::channel(false);
+    let server = TestServer::start_with(
+        Limits::default(),
+        Some(NodeSource::new(store.clone(), listed)),
+    )
+    .await;
+    let lister = tokio::spawn({
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            store.update(|r| {
+                for name in ["node-0", "node-1"] {
+                    let node = json!({
+                        "apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": name, "labels": {"weft.dev/ebpf-redirect": "ready"}},
+                    });
+                    let object = weft_webhook::resources::Object::from_value(&node)
+                        .expect("a node")
+                        .expect("a kind the store keeps");
+                    r.upsert(object);
+                }
+                false
+            });
+            listed_tx.send_replace(true);
+        }
+    });
+    let (mode, warnings) = inject_mode(&server, &ebpf_pod(None)).await;
+    assert_eq!(mode, "ebpf", "{warnings:?}");
+    lister.await.expect("lister");
+    server.stop().await;
+
+    // The same ready nodes in the store, but their list never completes (a watch that RBAC
+    // refuses): nothing is known to work.
+    let (_never_tx, never) = tokio::sync::watch::channel(false);
+    let server =
+        TestServer::start_with(Limits::default(), Some(NodeSource::new(store, never))).await;
+    let (mode, warnings) = inject_mode(&server, &ebpf_pod(None)).await;
+    assert_eq!(mode, "redirect");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("has not listed the cluster's nodes yet")),
+        "{warnings:?}"
+    );
     server.stop().await;
 }
 
@@ -531,7 +731,7 @@ async fn an_oversized_body_gets_400_declared_or_streamed() {
 }
 
 /// The API server calls the webhook with `timeoutSeconds` from deploy/weft.yaml: a body that
-/// never arrives is answered before that.
+/// never arrives is answered before that, even while the nodes' first list is awaited.
 #[test]
 fn the_body_deadline_is_shorter_than_the_webhook_timeout() {
     let yaml = std::fs::read_to_string(
@@ -555,6 +755,13 @@ fn the_body_deadline_is_shorter_than_the_webhook_timeout() {
             server::REQUEST_TIMEOUT < Duration::from_secs(t),
             "REQUEST_TIMEOUT {:?} must be shorter than the webhook's timeoutSeconds {t}",
             server::REQUEST_TIMEOUT
+        );
+        // Right after start an injection may also wait for the nodes' first list.
+        assert!(
+            server::REQUEST_TIMEOUT + server::NODES_LIST_WAIT < Duration::from_secs(t),
+            "REQUEST_TIMEOUT {:?} and NODES_LIST_WAIT {:?} must fit in timeoutSeconds {t}",
+            server::REQUEST_TIMEOUT,
+            server::NODES_LIST_WAIT
         );
     }
 }

@@ -1,12 +1,14 @@
-//! Kubernetes: kube-runtime reflectors over Namespaces, Services, EndpointSlices, Pods and
-//! every Istio / Gateway API / SMI kind (as dynamic objects, read with
-//! [`weft_api::crd::AnyResource`]). Also publishes the mesh root as the ConfigMap
-//! `weft-ca-root-cert` in every namespace that has meshed pods.
+//! Kubernetes: kube-runtime reflectors over Namespaces, Services, EndpointSlices, Pods, Nodes
+//! (their metadata only: the injector reads their labels) and every Istio / Gateway API / SMI
+//! kind (as dynamic objects, read with [`weft_api::crd::AnyResource`]). Also publishes the
+//! mesh root as the ConfigMap `weft-ca-root-cert` in every namespace that has meshed pods.
 //!
 //! Each reflector keeps its own store (trimmed of what translation never reads before it is
 //! stored); its events become [`Change`]s of the shared [`Store`], whose generation is what
 //! discovery debounces into pushes. A (re-)list is buffered by the reflector and lands in the
-//! store as one change when it completes, so proxies never see a half-listed kind.
+//! store as one change when it completes, so proxies never see a half-listed kind. A node's
+//! change reaches the store only when its labels change, and never bumps the generation
+//! (nodes are not translated).
 //!
 //! Every Istio / Gateway API / SMI object goes through the validator first ([`super::screen`]):
 //! one it rejects does not reach the store, where its last good version (if any) stays; the
@@ -26,10 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
-use kube::core::Version;
+use kube::core::{PartialObjectMeta, Version};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::{self, Event};
@@ -42,7 +44,7 @@ use weft_api::validate::{Finding, Severity};
 
 use super::screen::{self, Rejected, Screen};
 use crate::ca::store::publish_root_config_map;
-use crate::resources::{Object, ObjectKey, Store, is_meshed, slim_pod};
+use crate::resources::{Object, ObjectKey, Store, is_meshed, is_translated, slim_node, slim_pod};
 
 /// How often the root ConfigMaps are checked even without a change.
 pub const ROOT_CONFIG_MAP_RESYNC: Duration = Duration::from_secs(300);
@@ -99,12 +101,13 @@ impl<K> Debug for Kind<K> {
     }
 }
 
-/// The store key of `obj` (namespace `default` when absent, as the store does).
+/// The store key of `obj` (namespace `default` when absent, as the store does; none for the
+/// cluster-scoped Namespace and Node).
 pub fn key_of<K: Resource>(kind: &str, obj: &K) -> ObjectKey {
     let meta = obj.meta();
     ObjectKey {
         kind: kind.to_owned(),
-        namespace: if kind == "Namespace" {
+        namespace: if matches!(kind, "Namespace" | "Node") {
             String::new()
         } else {
             meta.namespace
@@ -177,21 +180,25 @@ where
     }
 }
 
-/// Applies `change` (of objects of `kind`) to `store`.
+/// Applies `change` (of objects of `kind`) to `store`. The generation is bumped only for
+/// kinds that are translated (not for nodes).
 pub fn apply(store: &Store, kind: &str, change: Change) {
+    let translated = is_translated(kind);
     match change {
         Change::Nothing => {}
+        // A node's status update: its labels, all that is kept, are the same.
+        Change::Upsert(o) if store.snapshot().holds(&o) => {}
         Change::Upsert(o) => store.update(|r| {
             r.upsert(o);
-            true
+            translated
         }),
-        Change::Remove(key) => store.update(|r| r.remove(&key)),
+        Change::Remove(key) => store.update(|r| r.remove(&key) && translated),
         Change::Replace { keys, objects } => store.update(|r| {
             r.retain_kind(kind, |k| keys.contains(k));
             for o in objects {
                 r.upsert(o);
             }
-            true
+            translated
         }),
     }
 }
@@ -306,6 +313,22 @@ fn trim_pod(p: &mut Pod) {
     *p = slim_pod(std::mem::take(p));
 }
 
+fn trim_node(n: &mut PartialObjectMeta<Node>) {
+    let meta = std::mem::take(&mut n.metadata);
+    n.metadata = slim_node(Node {
+        metadata: meta,
+        ..Node::default()
+    })
+    .metadata;
+}
+
+fn read_node(n: Arc<PartialObjectMeta<Node>>) -> Read {
+    Read::Use(Object::node(Node {
+        metadata: n.metadata.clone(),
+        ..Node::default()
+    }))
+}
+
 fn trim_endpoint_slice(e: &mut EndpointSlice) {
     e.metadata.managed_fields = None;
 }
@@ -331,6 +354,13 @@ pub const PODS: Kind<Pod> = Kind {
     kind: Cow::Borrowed("Pod"),
     trim: trim_pod,
     read: |p| Read::Use(Object::Pod(p)),
+};
+/// Nodes: their metadata only (a metadata watch; a node's status is most of it and changes
+/// all the time), slimmed to name and labels (see [`slim_node`]).
+pub const NODES: Kind<PartialObjectMeta<Node>> = Kind {
+    kind: Cow::Borrowed("Node"),
+    trim: trim_node,
+    read: read_node,
 };
 /// EndpointSlices.
 pub const ENDPOINT_SLICES: Kind<EndpointSlice> = Kind {
@@ -502,17 +532,27 @@ async fn reflect_crd(
     }
 }
 
+/// What has been listed into the store once: each turns true when its first full list is in.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Every pod (see [`crate::discovery::Discovery::require_known_pods`]).
+    pub pods: watch::Receiver<bool>,
+    /// Every node (the injector's eBPF decision waits for it, see
+    /// [`crate::server::NodeSource`]).
+    pub nodes: watch::Receiver<bool>,
+}
+
 /// Starts every watch on `client`; they run until aborted. Objects the validator refuses are
 /// held back in `screen` (made with [`Screen::new`] to count them in the control plane's
-/// metrics). The returned receiver turns true once every pod has been listed into the store
-/// (see [`crate::discovery::Discovery::require_known_pods`]).
+/// metrics).
 pub fn spawn_watches(
     client: &kube::Client,
     store: &Arc<Store>,
     screen: &Screen,
     tasks: &mut tokio::task::JoinSet<()>,
-) -> watch::Receiver<bool> {
-    let (pods_listed, listed) = watch::channel(false);
+) -> Listed {
+    let (pods_listed, pods) = watch::channel(false);
+    let (nodes_listed, nodes) = watch::channel(false);
     tasks.spawn(reflect_typed(
         client.clone(),
         NAMESPACES,
@@ -536,6 +576,13 @@ pub fn spawn_watches(
     ));
     tasks.spawn(reflect_typed(
         client.clone(),
+        NODES,
+        store.clone(),
+        screen.clone(),
+        Some(nodes_listed),
+    ));
+    tasks.spawn(reflect_typed(
+        client.clone(),
         ENDPOINT_SLICES,
         store.clone(),
         screen.clone(),
@@ -549,7 +596,7 @@ pub fn spawn_watches(
             screen.clone(),
         ));
     }
-    listed
+    Listed { pods, nodes }
 }
 
 /// Keeps the root ConfigMap in every namespace with meshed pods (and the control plane's)
@@ -1108,6 +1155,121 @@ mod tests {
         assert!(screen.held_keys().is_empty());
         assert_eq!(metric(&metrics, "weft_config_rejected"), "0");
         assert_eq!(metric(&metrics, "weft_config_rejections_total"), "3");
+    }
+
+    /// A node as the metadata watch sends it.
+    fn node(name: &str, ebpf: Option<&str>, resource_version: &str) -> PartialObjectMeta<Node> {
+        use kube::core::PartialObjectMetaExt as _;
+        let mut labels = std::collections::BTreeMap::from([(
+            "kubernetes.io/hostname".to_owned(),
+            name.to_owned(),
+        )]);
+        if let Some(v) = ebpf {
+            labels.insert("weft.dev/ebpf-redirect".into(), v.into());
+        }
+        ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels),
+            annotations: Some([("node.alpha.kubernetes.io/ttl".into(), "0".into())].into()),
+            resource_version: Some(resource_version.into()),
+            managed_fields: Some(vec![ManagedFieldsEntry::default()]),
+            ..Default::default()
+        }
+        .into_response_partial::<Node>()
+    }
+
+    fn ebpf_labels(store: &Store) -> Vec<(String, Option<String>)> {
+        store
+            .snapshot()
+            .nodes
+            .iter()
+            .map(|(n, l)| (n.clone(), l.get("weft.dev/ebpf-redirect").cloned()))
+            .collect()
+    }
+
+    #[test]
+    fn node_events_keep_their_labels_and_never_wake_discovery() {
+        let (reader, mut writer) = store::<PartialObjectMeta<Node>>();
+        let store = Store::new(Settings::default());
+        let seen = feed(
+            &NODES,
+            &mut writer,
+            &reader,
+            &store,
+            vec![
+                Event::Init,
+                Event::InitApply(node("n0", Some("ready"), "1")),
+                Event::InitApply(node("n1", None, "1")),
+                Event::InitDone,
+            ],
+        );
+        assert_eq!(seen, ["nothing", "nothing", "nothing", "replace"]);
+        assert_eq!(
+            ebpf_labels(&store),
+            [
+                ("n0".to_owned(), Some("ready".to_owned())),
+                ("n1".to_owned(), None)
+            ]
+        );
+        assert!(
+            reader
+                .state()
+                .iter()
+                .all(|n| n.metadata.managed_fields.is_none()
+                    && n.metadata.annotations.is_none()
+                    && n.metadata.resource_version.is_none()),
+            "the reflector keeps names and labels only"
+        );
+        assert_eq!(store.generation(), 0, "nodes are not translated");
+
+        // A status update (new resourceVersion, same labels) leaves the store as it is; the
+        // agent's label reaches it.
+        let before = store.snapshot();
+        feed(
+            &NODES,
+            &mut writer,
+            &reader,
+            &store,
+            vec![Event::Apply(node("n0", Some("ready"), "2"))],
+        );
+        assert!(
+            Arc::ptr_eq(&before, &store.snapshot()),
+            "no copy of the store"
+        );
+        feed(
+            &NODES,
+            &mut writer,
+            &reader,
+            &store,
+            vec![
+                Event::Apply(node("n1", Some("unsupported"), "3")),
+                Event::Apply(node("n2", Some("ready"), "3")),
+                Event::Delete(node("n0", Some("ready"), "4")),
+            ],
+        );
+        assert_eq!(
+            ebpf_labels(&store),
+            [
+                ("n1".to_owned(), Some("unsupported".to_owned())),
+                ("n2".to_owned(), Some("ready".to_owned()))
+            ]
+        );
+        assert_eq!(
+            store.snapshot().nodes["n2"]
+                .get("kubernetes.io/hostname")
+                .map(String::as_str),
+            Some("n2")
+        );
+        assert_eq!(store.generation(), 0);
+        let n = node("n1", None, "5");
+        assert_eq!(key_of("Node", &n), read_key(NODES.read, n));
+    }
+
+    fn read_key<K>(read: fn(Arc<K>) -> Read, obj: K) -> ObjectKey {
+        let Read::Use(o) = read(Arc::new(obj)) else {
+            panic!("readable")
+        };
+        o.key()
     }
 
     #[test]

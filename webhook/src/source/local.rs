@@ -3,8 +3,9 @@
 //! [`POLL_INTERVAL`] and a file whose size or modification time changed is read again.
 //!
 //! Kinds: Namespace, Service, Pod (with `status.podIP`; endpoints come from pods matching
-//! service selectors), EndpointSlice, and every Istio / Gateway API / SMI kind. Other kinds
-//! are ignored. A file that is not valid YAML is logged (file and line) and its last good
+//! service selectors), EndpointSlice, Node (`apiVersion: v1`, its name and labels: the
+//! injector reads `weft.dev/ebpf-redirect`; not translated), and every Istio / Gateway API /
+//! SMI kind. Other kinds are ignored. A file that is not valid YAML is logged (file and line) and its last good
 //! content is kept; a document that does not read as its kind, or that the validator rejects
 //! (see [`super::screen`]), is logged and the object's last good version (from that file) is
 //! kept. Objects without a namespace are in `default`.
@@ -19,7 +20,7 @@ use tracing::{debug, info, warn};
 use weft_api::validate::parse_documents;
 
 use super::screen::{Screen, content_hash};
-use crate::resources::{Object, ObjectKey, Store};
+use crate::resources::{Object, ObjectKey, Store, is_translated};
 
 /// How often the directory is scanned.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -61,7 +62,7 @@ fn key_of_value(value: &Value) -> Option<ObjectKey> {
         .to_owned();
     let (group, _) = weft_api::crd::split_api_version(api_version);
     Some(match (group, kind) {
-        ("", "Namespace") => ObjectKey {
+        ("", "Namespace" | "Node") => ObjectKey {
             kind: kind.to_owned(),
             namespace: String::new(),
             name,
@@ -277,6 +278,11 @@ impl LocalSource {
         for (k, v, _) in &upserts {
             self.applied.insert(k.clone(), *v);
         }
+        // Nodes are not translated: a change of nodes alone does not wake discovery.
+        let translated = removed
+            .iter()
+            .chain(upserts.iter().map(|(k, _, _)| k))
+            .any(|k| is_translated(&k.kind));
         store.update(|r| {
             for k in &removed {
                 r.remove(k);
@@ -284,7 +290,7 @@ impl LocalSource {
             for (_, _, o) in upserts {
                 r.upsert(o);
             }
-            true
+            translated
         });
         true
     }
@@ -500,6 +506,88 @@ mod tests {
         assert_eq!(r.services.len(), 1);
         assert!(r.configs.is_empty());
         assert!(src.screen().held_keys().is_empty(), "nothing to hold");
+    }
+
+    /// The `weft.dev/ebpf-redirect` label of each stored node.
+    fn node_labels(store: &Store) -> Vec<(String, Option<String>)> {
+        store
+            .snapshot()
+            .nodes
+            .iter()
+            .map(|(n, l)| (n.clone(), l.get("weft.dev/ebpf-redirect").cloned()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_nodes_and_their_labels_without_waking_discovery() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("nodes.yaml");
+        let node = |name: &str, label: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/hostname: {name}{label}}}\n"
+            )
+        };
+        std::fs::write(
+            &path,
+            format!(
+                "{}---\n{}---\n{}",
+                node("node-0", ", weft.dev/ebpf-redirect: ready"),
+                node("node-1", ", weft.dev/ebpf-redirect: unsupported"),
+                node("node-2", ""),
+            ),
+        )
+        .expect("write");
+        let store = Store::new(Settings::default());
+        let mut src = LocalSource::new(tmp.path().to_path_buf());
+        assert!(src.sync(&store));
+        assert_eq!(
+            node_labels(&store),
+            [
+                ("node-0".to_owned(), Some("ready".to_owned())),
+                ("node-1".to_owned(), Some("unsupported".to_owned())),
+                ("node-2".to_owned(), None),
+            ]
+        );
+        let r = store.snapshot();
+        assert_eq!(
+            r.nodes["node-2"]
+                .get("kubernetes.io/hostname")
+                .map(String::as_str),
+            Some("node-2"),
+            "every label is kept"
+        );
+        assert!(r.services.is_empty() && r.pods.is_empty() && r.configs.is_empty());
+        assert_eq!(store.generation(), 0, "nodes are not translated");
+
+        // A label changes, a node goes, and one document no longer reads as a Node: its last
+        // good version stays.
+        std::fs::write(
+            &path,
+            format!(
+                "{}---\napiVersion: v1\nkind: Node\nmetadata: {{name: node-1, labels: [not, a, map]}}\n",
+                node("node-0", ", weft.dev/ebpf-redirect: unsupported"),
+            ),
+        )
+        .expect("write");
+        assert!(src.sync(&store));
+        assert_eq!(
+            node_labels(&store),
+            [
+                ("node-0".to_owned(), Some("unsupported".to_owned())),
+                ("node-1".to_owned(), Some("unsupported".to_owned())),
+            ]
+        );
+        assert_eq!(store.generation(), 0);
+
+        // A service beside them is translated: that wakes discovery.
+        std::fs::write(tmp.path().join("svc.yaml"), SERVICE).expect("write");
+        assert!(src.sync(&store));
+        assert_eq!(store.generation(), 1);
+
+        std::fs::remove_file(&path).expect("rm");
+        assert!(src.sync(&store));
+        assert!(store.snapshot().nodes.is_empty());
+        assert_eq!(store.generation(), 1);
     }
 
     #[test]
