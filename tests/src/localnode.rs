@@ -1888,6 +1888,45 @@ impl LocalNode {
     }
 }
 
+/// Set once [`teardown_on_signal`] has seen a signal.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For programs that run a node (the demo, the benchmarks): on SIGINT or SIGTERM, tears
+/// `node` down while other threads may still be using it, then exits with status 130.
+pub fn teardown_on_signal(node: std::sync::Arc<LocalNode>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    // Registered before returning, so that no signal finds the default handler.
+    let (mut int, mut term) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        ))
+    })?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        });
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        eprintln!("\ninterrupted: tearing the local node down");
+        node.teardown();
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+/// Whether a signal is tearing the node down ([`teardown_on_signal`]): errors the main
+/// thread meets then are the teardown's doing, not worth reporting.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 impl Drop for LocalNode {
     fn drop(&mut self) {
         self.teardown();
@@ -1993,6 +2032,17 @@ fn sweep_stale(bins: &Path) {
         let name = format!("weft-{}", e.file_name().to_string_lossy());
         if dead(&name) {
             remove_cgroup(&e.path());
+        }
+    }
+    // Node directories (`$TMPDIR/weft-<pid>-<seq>-XXXXXX`).
+    for e in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if dead(&name) && e.path().is_dir() {
+            let _ = fs::remove_dir_all(e.path());
         }
     }
     // eBPF agents' pins (`/sys/fs/bpf/weft/<pid>-<seq>-<node>`).

@@ -9,11 +9,12 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use serde::Serialize;
 use weft_tests::localnode::{
-    Interception, LocalNode, NodeOptions, PodRef, ProcUsage, fixtures, proc_usage,
+    self, Interception, LocalNode, NodeOptions, PodRef, ProcUsage, fixtures, proc_usage,
 };
 use weft_tests::sample::LoadReport;
 
@@ -195,12 +196,13 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
     // An eBPF node: pods annotated `sidecar.istio.io/interceptionMode: REDIRECT` keep
     // iptables rules of their own, the others are redirected by the node agent, so both
     // redirect modes are measured on the same node in the same run.
-    let node = LocalNode::start_with(NodeOptions {
+    let node = Arc::new(LocalNode::start_with(NodeOptions {
         proxy_env,
         interception: Interception::Ebpf,
         nodes: 1,
         ..Default::default()
-    })?;
+    })?);
+    localnode::teardown_on_signal(node.clone())?;
     let dir = node.dir().join("bench");
     std::fs::create_dir_all(&dir)?;
 
@@ -351,6 +353,8 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
             ],
         )?,
     ];
+    // The signal thread holds the node too: tear it down now, not when both are gone.
+    node.teardown();
     let direct = modes[0].clone();
     let added = |f: fn(&ModeResult) -> u64| -> Vec<(String, i64)> {
         modes[1..]

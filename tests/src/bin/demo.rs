@@ -5,15 +5,11 @@
 //! down at the end, on Ctrl-C and on SIGTERM.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
-use weft_tests::localnode::{LocalNode, PodRef, fixtures};
+use weft_tests::localnode::{self, LocalNode, PodRef, fixtures};
 use weft_tests::sample::{GrpcReport, HttpReport, TcpReport};
-
-/// Set when a signal arrived: the signal thread tears down and exits, whatever `run` says.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Requests per canary step.
 const CANARY_REQUESTS: u64 = 400;
@@ -26,9 +22,9 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let node = Arc::new(LocalNode::start().context("start the local node")?);
-    teardown_on_signal(node.clone())?;
+    localnode::teardown_on_signal(node.clone())?;
     let result = run(&node);
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if localnode::interrupted() {
         // `run` failed because the node went away under it; the signal thread exits.
         loop {
             std::thread::park();
@@ -37,37 +33,6 @@ fn main() -> anyhow::Result<()> {
     node.teardown();
     println!("\nlocal node removed.");
     result
-}
-
-/// On Ctrl-C or SIGTERM, tears the node down while `run` may still be using it, then exits.
-fn teardown_on_signal(node: Arc<LocalNode>) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("signal runtime")?;
-    // Registered before the demo starts, so that no signal finds the default handler.
-    let mut term = rt
-        .block_on(async {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        })
-        .context("SIGTERM handler")?;
-    let ctrl_c = rt.block_on(async {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-    });
-    let mut ctrl_c = ctrl_c.context("SIGINT handler")?;
-    std::thread::spawn(move || {
-        rt.block_on(async {
-            tokio::select! {
-                _ = ctrl_c.recv() => {}
-                _ = term.recv() => {}
-            }
-        });
-        INTERRUPTED.store(true, Ordering::SeqCst);
-        eprintln!("\ninterrupted: tearing the local node down");
-        node.teardown();
-        std::process::exit(130);
-    });
-    Ok(())
 }
 
 fn step(text: &str) {
