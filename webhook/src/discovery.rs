@@ -29,7 +29,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use weft_api::config::{MeshSettings, OutboundTrafficPolicy, Snapshot};
@@ -38,7 +37,7 @@ use weft_api::discovery::{
 };
 
 use crate::metrics::Metrics;
-use crate::resources::{ProxyRef, Resources, Store};
+use crate::resources::{PodInfo, ProxyRef, Resources, Store};
 use crate::translate;
 
 /// Quiet time that ends a burst of changes.
@@ -231,7 +230,7 @@ impl Refusal {
 pub fn admit(
     identity: &PeerIdentity,
     node: &Node,
-    pod: Option<&Pod>,
+    pod: Option<&PodInfo>,
     check: PodCheck,
 ) -> Result<ProxyRef, Refusal> {
     if node.namespace != identity.namespace {
@@ -820,7 +819,7 @@ pub fn error(status: StatusCode, message: &str) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{PodSpec, Service};
+    use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
     use kube::api::ObjectMeta;
 
     use super::*;
@@ -844,8 +843,8 @@ mod tests {
         }
     }
 
-    fn pod(ns: &str, name: &str, sa: &str) -> Pod {
-        Pod {
+    fn pod(ns: &str, name: &str, sa: &str) -> PodInfo {
+        PodInfo::from_pod(Pod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some(ns.into()),
@@ -857,7 +856,7 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
-        }
+        })
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! change of a node never bumps the generation nor rebuilds the translation index.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
@@ -77,8 +78,8 @@ pub enum Object {
     Namespace(Arc<Namespace>),
     /// A service.
     Service(Arc<Service>),
-    /// A pod (only the fields translation reads, see [`slim_pod`]).
-    Pod(Arc<Pod>),
+    /// A pod (only what the control plane reads, see [`PodInfo`]).
+    Pod(Arc<PodInfo>),
     /// An endpoint slice.
     EndpointSlice(Arc<EndpointSlice>),
     /// A node (only its name and labels, see [`Object::node`]).
@@ -126,7 +127,13 @@ impl Object {
                 };
             }
             Object::Service(s) => ("Service".to_owned(), &s.metadata),
-            Object::Pod(p) => ("Pod".to_owned(), &p.metadata),
+            Object::Pod(p) => {
+                return ObjectKey {
+                    kind: "Pod".into(),
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                };
+            }
             Object::EndpointSlice(e) => ("EndpointSlice".to_owned(), &e.metadata),
             Object::Config(c) => {
                 let k = c.known_kind();
@@ -156,9 +163,9 @@ impl Object {
         Object::Service(Arc::new(s))
     }
 
-    /// A pod, slimmed by [`slim_pod`].
+    /// A pod, as [`PodInfo`] keeps it.
     pub fn pod(p: Pod) -> Object {
-        Object::Pod(Arc::new(slim_pod(p)))
+        Object::Pod(Arc::new(PodInfo::from_pod(p)))
     }
 
     /// A node, slimmed by [`slim_node`].
@@ -210,7 +217,7 @@ pub struct Resources {
     /// Services.
     pub services: BTreeMap<Key, Arc<Service>>,
     /// Pods.
-    pub pods: BTreeMap<Key, Arc<Pod>>,
+    pub pods: BTreeMap<Key, Arc<PodInfo>>,
     /// Endpoint slices (Kubernetes only; without them endpoints come from pods and selectors).
     pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
     /// Nodes and their labels, for the injector; shared so that a request takes them without
@@ -249,7 +256,7 @@ impl Resources {
                 self.services.insert(meta_key(&s.metadata), s);
             }
             Object::Pod(p) => {
-                self.pods.insert(meta_key(&p.metadata), p);
+                self.pods.insert((p.namespace.clone(), p.name.clone()), p);
             }
             Object::EndpointSlice(e) => {
                 self.endpoint_slices.insert(meta_key(&e.metadata), e);
@@ -327,7 +334,7 @@ impl Resources {
     }
 
     /// A pod by namespace and name.
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Pod>> {
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<PodInfo>> {
         self.pods.get(&(namespace.to_owned(), name.to_owned()))
     }
 
@@ -405,43 +412,20 @@ pub struct ProxyRef {
     /// Pod labels.
     pub labels: BTreeMap<String, String>,
     /// Pod IP.
-    pub ip: Option<std::net::IpAddr>,
+    pub ip: Option<IpAddr>,
 }
 
 impl ProxyRef {
     /// The proxy of a pod.
-    pub fn from_pod(pod: &Pod) -> ProxyRef {
-        let spec = pod.spec.as_ref();
+    pub fn from_pod(pod: &PodInfo) -> ProxyRef {
         ProxyRef {
-            namespace: pod
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name: pod.metadata.name.clone().unwrap_or_default(),
-            service_account: spec
-                .and_then(|s| {
-                    s.service_account_name
-                        .clone()
-                        .or_else(|| s.service_account.clone())
-                })
-                .unwrap_or_else(|| "default".into()),
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
-            ip: pod
-                .status
-                .as_ref()
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok()),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            service_account: pod.service_account().to_owned(),
+            labels: (*pod.labels).clone(),
+            ip: pod.ip,
         }
     }
-}
-
-/// Whether `pod` carries a sidecar (its injector wrote the status annotation).
-pub fn is_meshed(pod: &Pod) -> bool {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(ANNOTATION_SIDECAR_STATUS))
 }
 
 /// Keeps only what the injector reads of a node: its name and labels. A node from a cluster
@@ -458,50 +442,325 @@ pub fn slim_node(node: Node) -> Node {
     }
 }
 
-/// Keeps only what translation and discovery read of a pod: name, namespace, labels, the
-/// sidecar status annotation, deletion time, service account, container ports, pod IP and
-/// phase. A pod from a cluster is mostly managed fields, volumes and container details.
-pub fn slim_pod(pod: Pod) -> Pod {
-    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
-    let meta = pod.metadata;
-    let annotations = meta.annotations.map(|a| {
-        a.into_iter()
-            .filter(|(k, _)| k == ANNOTATION_SIDECAR_STATUS)
-            .collect::<BTreeMap<_, _>>()
-    });
-    Pod {
-        metadata: ObjectMeta {
-            name: meta.name,
-            namespace: meta.namespace,
-            labels: meta.labels,
-            annotations,
-            deletion_timestamp: meta.deletion_timestamp,
-            creation_timestamp: meta.creation_timestamp,
-            ..ObjectMeta::default()
-        },
-        spec: pod.spec.map(|s| PodSpec {
-            service_account_name: s.service_account_name,
-            service_account: s.service_account,
-            containers: s
-                .containers
-                .into_iter()
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports,
-                    ..Container::default()
-                })
-                .collect(),
-            ..PodSpec::default()
-        }),
-        status: pod.status.map(|s| PodStatus {
-            pod_ip: s.pod_ip,
-            pod_ips: s.pod_ips,
-            phase: s.phase,
-            // Only the Ready condition: endpoints derived from pods honour it.
-            conditions: s
+/// What the control plane keeps of a pod: only what translation, discovery and the root
+/// ConfigMap publisher read. Even slimmed, a k8s-openapi `Pod` is about 5 KB (the `Pod` and
+/// `Container` structs alone are 2.4 KB each); this is a few hundred bytes, which is what
+/// lets 10,000 pods fit in the push benchmark's memory budget.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodInfo {
+    /// Namespace (`default` when the pod names none, as for every stored object).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `spec.serviceAccountName`: the account endpoint identities name (`default` when absent).
+    pub service_account_name: Option<String>,
+    /// `spec.serviceAccount`, the deprecated alias, kept only when `serviceAccountName` is
+    /// absent: the account a proxy runs as falls back to it (see [`PodInfo::service_account`]).
+    pub deprecated_service_account: Option<String>,
+    /// Labels; shared with the endpoints translation derives from the pod.
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// `status.podIP`, when it is an address.
+    pub ip: Option<IpAddr>,
+    /// Carries a sidecar: its injector wrote the `sidecar.istio.io/status` annotation.
+    pub meshed: bool,
+    /// Being deleted (`metadata.deletionTimestamp` is set).
+    pub terminating: bool,
+    /// Its phase is `Succeeded` or `Failed`.
+    pub completed: bool,
+    /// Its `Ready` condition is `False` (an absent condition does not count: local pods have
+    /// none).
+    pub unready: bool,
+    /// Named container ports, `(name, containerPort)`, in container order; the first port of
+    /// each name only, since a name resolves to the first port that has it.
+    pub named_ports: Vec<(String, i32)>,
+}
+
+impl PodInfo {
+    /// Reads what the control plane keeps of `pod`.
+    pub fn from_pod(pod: Pod) -> PodInfo {
+        let meta = pod.metadata;
+        let (service_account_name, deprecated_service_account, named_ports) = match pod.spec {
+            Some(spec) => {
+                let mut named: Vec<(String, i32)> = Vec::new();
+                for port in spec
+                    .containers
+                    .into_iter()
+                    .flat_map(|c| c.ports.into_iter().flatten())
+                {
+                    if let Some(name) = port.name
+                        && !named.iter().any(|(n, _)| *n == name)
+                    {
+                        named.push((name, port.container_port));
+                    }
+                }
+                let deprecated = spec
+                    .service_account
+                    .filter(|_| spec.service_account_name.is_none());
+                (spec.service_account_name, deprecated, named)
+            }
+            None => (None, None, Vec::new()),
+        };
+        let status = pod.status.unwrap_or_default();
+        PodInfo {
+            namespace: meta.namespace.unwrap_or_else(|| "default".to_owned()),
+            name: meta.name.unwrap_or_default(),
+            service_account_name,
+            deprecated_service_account,
+            labels: Arc::new(meta.labels.unwrap_or_default()),
+            ip: status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()),
+            meshed: meta
+                .annotations
+                .is_some_and(|a| a.contains_key(ANNOTATION_SIDECAR_STATUS)),
+            terminating: meta.deletion_timestamp.is_some(),
+            completed: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
+            unready: status
                 .conditions
-                .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
-            ..PodStatus::default()
-        }),
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "False"),
+            named_ports,
+        }
+    }
+
+    /// The account the pod runs as: `serviceAccountName`, else the deprecated
+    /// `serviceAccount`, else `default`.
+    pub fn service_account(&self) -> &str {
+        self.service_account_name
+            .as_deref()
+            .or(self.deprecated_service_account.as_deref())
+            .unwrap_or("default")
+    }
+
+    /// The address an endpoint of this pod is served on: none while the pod is being deleted,
+    /// has completed, is not ready, or has no address, as an EndpointSlice would have it.
+    pub fn serving_ip(&self) -> Option<IpAddr> {
+        if self.terminating || self.completed || self.unready {
+            return None;
+        }
+        self.ip
+    }
+
+    /// The number of the container port named `name` (the first that has it), if it is a
+    /// port number.
+    pub fn named_port(&self, name: &str) -> Option<u16> {
+        self.named_ports
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, port)| u16::try_from(*port).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pod as the API server returns it (`kubectl get pod -o json`), trimmed of volumes
+    /// and most of the container details but with everything that used to ride along.
+    fn cluster_pod() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "reviews-v2-7d79d5bd5d-xk2lp",
+                "namespace": "bookinfo",
+                "uid": "0f1e0c52-8a61-4f0e-9d7c-8f6c2a0e4b11",
+                "resourceVersion": "48213",
+                "creationTimestamp": "2024-05-02T10:11:12Z",
+                "generateName": "reviews-v2-7d79d5bd5d-",
+                "labels": {
+                    "app": "reviews",
+                    "version": "v2",
+                    "pod-template-hash": "7d79d5bd5d",
+                    "security.istio.io/tlsMode": "istio"
+                },
+                "annotations": {
+                    "sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\"],\"containers\":[\"istio-proxy\"]}",
+                    "kubectl.kubernetes.io/default-container": "reviews",
+                    "prometheus.io/port": "15020"
+                },
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "reviews-v2-7d79d5bd5d",
+                    "uid": "6b0a4b3e-1111-4c55-9d7c-000000000001", "controller": true
+                }],
+                "managedFields": [{
+                    "manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+                    "time": "2024-05-02T10:11:12Z", "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:metadata": {"f:labels": {}}}
+                }]
+            },
+            "spec": {
+                "serviceAccountName": "bookinfo-reviews",
+                "serviceAccount": "bookinfo-reviews",
+                "nodeName": "node-1",
+                "initContainers": [{
+                    "name": "istio-init", "image": "istio/proxyv2",
+                    "ports": [{"name": "init", "containerPort": 1}]
+                }],
+                "containers": [
+                    {
+                        "name": "reviews", "image": "istio/examples-bookinfo-reviews-v2",
+                        "ports": [
+                            {"name": "http", "containerPort": 9080, "protocol": "TCP"},
+                            {"containerPort": 9443, "protocol": "TCP"}
+                        ],
+                        "env": [{"name": "LOG_DIR", "value": "/tmp/logs"}]
+                    },
+                    {
+                        "name": "istio-proxy", "image": "istio/proxyv2",
+                        "ports": [
+                            {"name": "http-envoy-prom", "containerPort": 15090, "protocol": "TCP"},
+                            {"name": "http", "containerPort": 8080, "protocol": "TCP"}
+                        ]
+                    }
+                ]
+            },
+            "status": {
+                "phase": "Running",
+                "hostIP": "172.18.0.2",
+                "podIP": "10.244.1.7",
+                "podIPs": [{"ip": "10.244.1.7"}, {"ip": "fd00:10:244:1::7"}],
+                "conditions": [
+                    {"type": "Initialized", "status": "True"},
+                    {"type": "Ready", "status": "True"},
+                    {"type": "ContainersReady", "status": "True"},
+                    {"type": "PodScheduled", "status": "True"}
+                ],
+                "containerStatuses": [{
+                    "name": "reviews", "ready": true, "restartCount": 0, "image": "x", "imageID": "y"
+                }]
+            }
+        })
+    }
+
+    fn read(value: &serde_json::Value) -> Arc<PodInfo> {
+        match Object::from_value(value) {
+            Ok(Some(Object::Pod(p))) => p,
+            other => panic!("not read as a pod: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cluster_pod_keeps_what_translation_reads() {
+        let pod = read(&cluster_pod());
+        assert_eq!(pod.namespace, "bookinfo");
+        assert_eq!(pod.name, "reviews-v2-7d79d5bd5d-xk2lp");
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("bookinfo-reviews")
+        );
+        assert_eq!(pod.service_account(), "bookinfo-reviews");
+        assert_eq!(
+            pod.labels.get("version").map(String::as_str),
+            Some("v2"),
+            "labels select pods and subsets"
+        );
+        assert_eq!(pod.labels.len(), 4);
+        assert_eq!(
+            pod.labels.get(LABEL_TLS_MODE).map(String::as_str),
+            Some("istio")
+        );
+        assert!(pod.meshed, "the sidecar status annotation");
+        assert_eq!(pod.ip, Some("10.244.1.7".parse().expect("ip")));
+        assert_eq!(pod.serving_ip(), pod.ip, "running and ready");
+        // A name resolves to the first container port that has it; unnamed ports and init
+        // containers' ports are never targets.
+        assert_eq!(
+            pod.named_ports,
+            [
+                ("http".to_owned(), 9080),
+                ("http-envoy-prom".to_owned(), 15090)
+            ]
+        );
+        assert_eq!(pod.named_port("http"), Some(9080));
+        assert_eq!(pod.named_port("init"), None);
+        let key = Object::Pod(pod.clone()).key();
+        assert_eq!(
+            (key.kind.as_str(), key.namespace.as_str(), key.name.as_str()),
+            ("Pod", "bookinfo", "reviews-v2-7d79d5bd5d-xk2lp")
+        );
+        let proxy = ProxyRef::from_pod(&pod);
+        assert_eq!(
+            proxy,
+            ProxyRef {
+                namespace: "bookinfo".into(),
+                name: "reviews-v2-7d79d5bd5d-xk2lp".into(),
+                service_account: "bookinfo-reviews".into(),
+                labels: (*pod.labels).clone(),
+                ip: pod.ip,
+            }
+        );
+    }
+
+    #[test]
+    fn pods_that_do_not_serve_have_no_endpoint_address() {
+        let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = cluster_pod();
+            edit(&mut v);
+            read(&v)
+        };
+        let deleting = with(&|v| {
+            v["metadata"]["deletionTimestamp"] = "2024-05-02T11:00:00Z".into();
+        });
+        assert!(deleting.terminating && deleting.serving_ip().is_none());
+        for phase in ["Succeeded", "Failed"] {
+            let done = with(&|v| v["status"]["phase"] = phase.into());
+            assert!(done.completed && done.serving_ip().is_none(), "{phase}");
+        }
+        let pending = with(&|v| v["status"]["phase"] = "Pending".into());
+        assert_eq!(
+            pending.serving_ip(),
+            pending.ip,
+            "only finished phases stop serving"
+        );
+        let unready = with(&|v| v["status"]["conditions"][1]["status"] = "False".into());
+        assert!(unready.unready && unready.serving_ip().is_none());
+        // Another condition False, or no conditions at all (local pods): still served.
+        let other = with(&|v| v["status"]["conditions"][2]["status"] = "False".into());
+        assert_eq!(other.serving_ip(), other.ip);
+        let bare = with(&|v| {
+            v["status"] = serde_json::json!({"podIP": "10.244.1.7"});
+        });
+        assert_eq!(bare.serving_ip(), Some("10.244.1.7".parse().expect("ip")));
+        let unaddressed = with(&|v| v["status"]["podIP"] = "not-an-ip".into());
+        assert_eq!((unaddressed.ip, unaddressed.serving_ip()), (None, None));
+        let unmeshed = with(&|v| {
+            v["metadata"]["annotations"]
+                .as_object_mut()
+                .expect("annotations")
+                .remove(ANNOTATION_SIDECAR_STATUS);
+        });
+        assert!(!unmeshed.meshed);
+    }
+
+    #[test]
+    fn service_accounts_and_ports_read_as_before() {
+        let mut v = cluster_pod();
+        let spec = v["spec"].as_object_mut().expect("spec");
+        spec.remove("serviceAccountName");
+        spec.insert("serviceAccount".into(), "legacy".into());
+        // The proxy runs as the deprecated alias; endpoint identities read only the name.
+        let legacy = read(&v);
+        assert_eq!(legacy.service_account_name, None);
+        assert_eq!(legacy.service_account(), "legacy");
+        v["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("serviceAccount");
+        assert_eq!(read(&v).service_account(), "default");
+        assert_eq!(read(&v).deprecated_service_account, None);
+        // With both, the alias is not kept: nothing reads it.
+        assert_eq!(read(&cluster_pod()).deprecated_service_account, None);
+        // A first port of a name that is no port number resolves to nothing, as before.
+        let mut v = cluster_pod();
+        v["spec"]["containers"][0]["ports"][0]["containerPort"] = 70000.into();
+        let odd = read(&v);
+        assert_eq!(odd.named_port("http"), None);
+        // No namespace: `default`, as every stored object.
+        let mut v = cluster_pod();
+        v["metadata"]
+            .as_object_mut()
+            .expect("meta")
+            .remove("namespace");
+        assert_eq!(read(&v).namespace, "default");
     }
 }

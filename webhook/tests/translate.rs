@@ -1208,7 +1208,7 @@ fn corpus_samples_translate_to_valid_snapshots() {
     for pod in r.pods.values() {
         let s = translate(&r, &ProxyRef::from_pod(pod));
         s.validate()
-            .unwrap_or_else(|e| panic!("{:?}: {e}", pod.metadata.name));
+            .unwrap_or_else(|e| panic!("{:?}: {e}", pod.name));
     }
     let v: Value =
         serde_json::to_value(translate(&r, &proxy(&r, "default", "ratings-v1-0"))).expect("json");

@@ -27,13 +27,13 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
 use kube::core::{PartialObjectMeta, Version};
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::reflector::{self, Lookup, store::Writer};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
@@ -44,7 +44,7 @@ use weft_api::validate::{Finding, Severity};
 
 use super::screen::{self, Rejected, Screen};
 use crate::ca::store::publish_root_config_map;
-use crate::resources::{Object, ObjectKey, Store, is_meshed, is_translated, slim_node, slim_pod};
+use crate::resources::{Object, ObjectKey, PodInfo, Store, is_translated, slim_node};
 
 /// How often the root ConfigMaps are checked even without a change.
 pub const ROOT_CONFIG_MAP_RESYNC: Duration = Duration::from_secs(300);
@@ -83,19 +83,20 @@ pub enum Read {
     Rejected(Rejected),
 }
 
-/// A watched type: how it is trimmed before the reflector stores it, and read into an
-/// [`Object`] of the store kind `kind`.
+/// A watched type `K`: how it is trimmed into the `S` the reflector stores (`K` itself,
+/// or for pods the much smaller [`PodInfo`]), and read into an [`Object`] of the store
+/// kind `kind`.
 #[derive(Clone)]
-pub struct Kind<K> {
+pub struct Kind<K, S = K> {
     /// The store's name of the kind (`Pod`, `networking.istio.io/VirtualService`).
     pub kind: Cow<'static, str>,
     /// Drops what translation never reads, so that the reflector's store stays small.
-    pub trim: fn(&mut K),
+    pub trim: fn(K) -> S,
     /// Reads (and, for config kinds, validates) the object.
-    pub read: fn(Arc<K>) -> Read,
+    pub read: fn(Arc<S>) -> Read,
 }
 
-impl<K> Debug for Kind<K> {
+impl<K, S> Debug for Kind<K, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kind").field("kind", &self.kind).finish()
     }
@@ -103,33 +104,80 @@ impl<K> Debug for Kind<K> {
 
 /// The store key of `obj` (namespace `default` when absent, as the store does; none for the
 /// cluster-scoped Namespace and Node).
-pub fn key_of<K: Resource>(kind: &str, obj: &K) -> ObjectKey {
-    let meta = obj.meta();
+pub fn key_of<K: Lookup>(kind: &str, obj: &K) -> ObjectKey {
     ObjectKey {
         kind: kind.to_owned(),
         namespace: if matches!(kind, "Namespace" | "Node") {
             String::new()
         } else {
-            meta.namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_owned())
+            obj.namespace()
+                .map_or_else(|| "default".to_owned(), Cow::into_owned)
         },
-        name: meta.name.clone().unwrap_or_default(),
+        name: obj.name().map(Cow::into_owned).unwrap_or_default(),
+    }
+}
+
+/// The reflector's key of a pod: [`PodInfo`] stands for the `Pod` it was read from.
+impl Lookup for PodInfo {
+    type DynamicType = ();
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("Pod")
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("")
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("v1")
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("pods")
+    }
+
+    fn name(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(&self.name))
+    }
+
+    fn namespace(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(&self.namespace))
+    }
+
+    // Neither is kept: the reflector's keys compare namespace and name only.
+    fn resource_version(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+
+    fn uid(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+}
+
+/// `event` with its object trimmed by `trim`.
+fn trimmed<K, S>(event: Event<K>, trim: fn(K) -> S) -> Event<S> {
+    match event {
+        Event::Apply(o) => Event::Apply(trim(o)),
+        Event::Delete(o) => Event::Delete(trim(o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(trim(o)),
+        Event::InitDone => Event::InitDone,
     }
 }
 
 /// Turns a watch event, already applied to the reflector's store `reader`, into a change of
 /// the shared store. Objects the validator rejects are held back in `screen` (their last good
 /// version stays in the store) and released when a valid version arrives or they go away.
-pub fn change_of<K>(
-    kind: &Kind<K>,
-    event: Event<K>,
-    reader: &reflector::Store<K>,
+pub fn change_of<K, S>(
+    kind: &Kind<K, S>,
+    event: Event<S>,
+    reader: &reflector::Store<S>,
     screen: &Screen,
 ) -> Change
 where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + Hash + Clone,
+    S: Lookup + Clone + 'static,
+    S::DynamicType: Eq + Hash + Clone,
 {
     match event {
         Event::Init | Event::InitApply(_) => Change::Nothing,
@@ -224,10 +272,10 @@ fn not_served(error: &watcher::Error) -> bool {
 /// Runs one reflector until its stream ends, or (when `stop_if_not_served`) until the API
 /// server says the resource is not served. `listed` turns true after the first full list has
 /// reached the store.
-async fn reflect<K>(
+async fn reflect<K, S>(
     api: Api<K>,
-    writer: Writer<K>,
-    kind: Kind<K>,
+    writer: Writer<S>,
+    kind: Kind<K, S>,
     store: Arc<Store>,
     screen: &Screen,
     listed: Option<watch::Sender<bool>>,
@@ -236,13 +284,16 @@ async fn reflect<K>(
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
+    S: Lookup + Clone + Send + Sync + 'static,
+    S::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
     let reader = writer.as_reader();
+    let trim = kind.trim;
     let mut stream = reflector::reflector(
         writer,
         watcher::watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(kind.trim),
+            .map_ok(move |event| trimmed(event, trim)),
     )
     .boxed();
     let mut failing = false;
@@ -275,17 +326,19 @@ where
     Stopped::Ended
 }
 
-async fn reflect_typed<K>(
+async fn reflect_typed<K, S>(
     client: kube::Client,
-    kind: Kind<K>,
+    kind: Kind<K, S>,
     store: Arc<Store>,
     screen: Screen,
     listed: Option<watch::Sender<bool>>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
+    S: Lookup + Clone + Send + Sync + 'static,
+    S::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
 {
-    let (_, writer) = reflector::store::<K>();
+    let (_, writer) = reflector::store::<S>();
     reflect(
         Api::all(client),
         writer,
@@ -298,28 +351,27 @@ async fn reflect_typed<K>(
     .await;
 }
 
-fn trim_namespace(n: &mut Namespace) {
+fn trim_namespace(mut n: Namespace) -> Namespace {
     n.metadata.managed_fields = None;
     n.spec = None;
     n.status = None;
+    n
 }
 
-fn trim_service(s: &mut Service) {
+fn trim_service(mut s: Service) -> Service {
     s.metadata.managed_fields = None;
     s.status = None;
+    s
 }
 
-fn trim_pod(p: &mut Pod) {
-    *p = slim_pod(std::mem::take(p));
-}
-
-fn trim_node(n: &mut PartialObjectMeta<Node>) {
+fn trim_node(mut n: PartialObjectMeta<Node>) -> PartialObjectMeta<Node> {
     let meta = std::mem::take(&mut n.metadata);
     n.metadata = slim_node(Node {
         metadata: meta,
         ..Node::default()
     })
     .metadata;
+    n
 }
 
 fn read_node(n: Arc<PartialObjectMeta<Node>>) -> Read {
@@ -329,12 +381,14 @@ fn read_node(n: Arc<PartialObjectMeta<Node>>) -> Read {
     }))
 }
 
-fn trim_endpoint_slice(e: &mut EndpointSlice) {
+fn trim_endpoint_slice(mut e: EndpointSlice) -> EndpointSlice {
     e.metadata.managed_fields = None;
+    e
 }
 
-fn trim_dynamic(o: &mut DynamicObject) {
+fn trim_dynamic(mut o: DynamicObject) -> DynamicObject {
     o.metadata.managed_fields = None;
+    o
 }
 
 /// Namespaces, as the store reads them.
@@ -349,10 +403,11 @@ pub const SERVICES: Kind<Service> = Kind {
     trim: trim_service,
     read: |s| Read::Use(Object::Service(s)),
 };
-/// Pods (slimmed before they are stored, see [`slim_pod`]).
-pub const PODS: Kind<Pod> = Kind {
+/// Pods, kept as [`PodInfo`] (by the reflector too, so that no full `Pod` outlives its
+/// event; the store shares the reflector's allocation for every listed pod).
+pub const PODS: Kind<Pod, PodInfo> = Kind {
     kind: Cow::Borrowed("Pod"),
-    trim: trim_pod,
+    trim: PodInfo::from_pod,
     read: |p| Read::Use(Object::Pod(p)),
 };
 /// Nodes: their metadata only (a metadata watch; a node's status is most of it and changes
@@ -618,7 +673,7 @@ pub async fn keep_root_config_maps(
         let mut wanted: BTreeSet<String> = resources
             .pods
             .iter()
-            .filter(|(_, p)| is_meshed(p))
+            .filter(|(_, p)| p.meshed)
             .map(|((ns, _), _)| ns.clone())
             .collect();
         wanted.insert(control_plane_namespace.clone());
@@ -779,37 +834,35 @@ mod tests {
     }
 
     /// Feeds events through a real reflector store, as the watch does.
-    fn feed<K>(
-        kind: &Kind<K>,
-        writer: &mut Writer<K>,
-        reader: &reflector::Store<K>,
+    fn feed<K, S>(
+        kind: &Kind<K, S>,
+        writer: &mut Writer<S>,
+        reader: &reflector::Store<S>,
         store: &Store,
         events: Vec<Event<K>>,
     ) -> Vec<&'static str>
     where
-        K: Resource + Clone + 'static,
-        K::DynamicType: Eq + Hash + Clone,
+        S: Lookup + Clone + 'static,
+        S::DynamicType: Eq + Hash + Clone,
     {
         feed_screened(kind, writer, reader, store, &Screen::default(), events)
     }
 
-    fn feed_screened<K>(
-        kind: &Kind<K>,
-        writer: &mut Writer<K>,
-        reader: &reflector::Store<K>,
+    fn feed_screened<K, S>(
+        kind: &Kind<K, S>,
+        writer: &mut Writer<S>,
+        reader: &reflector::Store<S>,
         store: &Store,
         screen: &Screen,
         events: Vec<Event<K>>,
     ) -> Vec<&'static str>
     where
-        K: Resource + Clone + 'static,
-        K::DynamicType: Eq + Hash + Clone,
+        S: Lookup + Clone + 'static,
+        S::DynamicType: Eq + Hash + Clone,
     {
         let mut seen = Vec::new();
-        for mut event in events {
-            if let Event::Apply(o) | Event::InitApply(o) | Event::Delete(o) = &mut event {
-                (kind.trim)(o);
-            }
+        for event in events {
+            let event = trimmed(event, kind.trim);
             writer.apply_watcher_event(&event);
             let change = change_of(kind, event, reader, screen);
             seen.push(match &change {
@@ -825,7 +878,7 @@ mod tests {
 
     #[test]
     fn pod_events_become_store_changes() {
-        let (reader, mut writer) = store::<Pod>();
+        let (reader, mut writer) = store::<PodInfo>();
         let store = Store::new(Settings::default());
         // The initial list lands in one change, when it is complete.
         let seen = feed(
@@ -846,20 +899,15 @@ mod tests {
         let r = store.snapshot();
         assert_eq!(r.pods.len(), 2);
         let a = r.pod("shop", "a").expect("pod a");
-        assert!(a.metadata.managed_fields.is_none(), "trimmed");
-        assert_eq!(
-            a.spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.as_deref()),
-            Some("cart")
-        );
-        // The reflector's store holds the trimmed pod too: one small copy each.
-        assert!(
-            reader
-                .state()
-                .iter()
-                .all(|p| p.metadata.managed_fields.is_none())
-        );
+        assert_eq!(a.service_account_name.as_deref(), Some("cart"));
+        assert_eq!(a.ip, Some("10.0.0.7".parse().expect("ip")));
+        // The reflector's store holds the same small copy as the shared store: one each.
+        let listed = reader.state();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|p| {
+            r.pod(&p.namespace, &p.name)
+                .is_some_and(|stored| Arc::ptr_eq(stored, p))
+        }));
 
         // Changes and deletions one by one.
         feed(
@@ -878,8 +926,7 @@ mod tests {
         assert_eq!(names, ["a", "c"]);
         assert_eq!(
             r.pod("shop", "a")
-                .and_then(|p| p.spec.as_ref())
-                .and_then(|s| s.service_account_name.as_deref()),
+                .and_then(|p| p.service_account_name.as_deref()),
             Some("vault")
         );
 

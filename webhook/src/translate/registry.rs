@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tracing::debug;
 use weft_api::config::{MtlsMode, Protocol, spiffe_id};
@@ -18,9 +18,7 @@ use weft_api::crd::AnyResource;
 use weft_api::crd::networking::{Location, Resolution, ServiceEntry};
 
 use super::{Index, inbound, labels_match};
-use crate::resources::{
-    ANNOTATION_EXPORT_TO, CLUSTER_DOMAIN, LABEL_TLS_MODE, Resources, is_meshed,
-};
+use crate::resources::{ANNOTATION_EXPORT_TO, CLUSTER_DOMAIN, LABEL_TLS_MODE, PodInfo, Resources};
 
 /// Where a service port sends traffic on an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,15 +104,15 @@ pub struct RegService {
 
 /// Pods by `(namespace, label key, label value)`, so that a selector looks only at the pods
 /// carrying its first label instead of the whole namespace.
-pub(crate) type PodsByLabel<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<&'a Arc<Pod>>>;
+pub(crate) type PodsByLabel<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<&'a PodInfo>>;
 
 fn pods_by_label(resources: &Resources) -> PodsByLabel<'_> {
     let mut out: PodsByLabel<'_> = HashMap::new();
     for ((ns, _), pod) in &resources.pods {
-        for (k, v) in pod.metadata.labels.iter().flatten() {
+        for (k, v) in pod.labels.iter() {
             out.entry((ns.as_str(), k.as_str(), v.as_str()))
                 .or_default()
-                .push(pod);
+                .push(&**pod);
         }
     }
     out
@@ -125,7 +123,7 @@ fn selected<'a>(
     by_label: &PodsByLabel<'a>,
     ns: &str,
     selector: &BTreeMap<String, String>,
-) -> Vec<&'a Arc<Pod>> {
+) -> Vec<&'a PodInfo> {
     let Some((k, v)) = selector.iter().next() else {
         return Vec::new();
     };
@@ -134,12 +132,7 @@ fn selected<'a>(
         .map(|pods| {
             pods.iter()
                 .copied()
-                .filter(|p| {
-                    p.metadata
-                        .labels
-                        .as_ref()
-                        .is_some_and(|l| labels_match(selector, l))
-                })
+                .filter(|p| labels_match(selector, &p.labels))
                 .collect()
         })
         .unwrap_or_default()
@@ -159,39 +152,12 @@ fn target_of(port: &k8s_openapi::api::core::v1::ServicePort) -> Target {
 }
 
 /// Resolves a target on a pod: numbers as they are, names through the containers' ports.
-pub(crate) fn resolve_target(target: &Target, pod: Option<&Pod>) -> Option<u16> {
+pub(crate) fn resolve_target(target: &Target, pod: Option<&PodInfo>) -> Option<u16> {
     match target {
         Target::Number(0) => None,
         Target::Number(n) => Some(*n),
-        Target::Name(name) => pod?
-            .spec
-            .as_ref()?
-            .containers
-            .iter()
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .and_then(|p| u16::try_from(p.container_port).ok()),
+        Target::Name(name) => pod?.named_port(name),
     }
-}
-
-fn pod_ready(pod: &Pod) -> Option<IpAddr> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return None;
-    }
-    // As an EndpointSlice would: a pod whose Ready condition is False is not served yet.
-    let not_ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "False");
-    if not_ready {
-        return None;
-    }
-    status.pod_ip.as_deref()?.parse().ok()
 }
 
 struct PodFacts {
@@ -200,19 +166,23 @@ struct PodFacts {
     mtls: (MtlsMode, BTreeMap<u16, MtlsMode>),
 }
 
-fn pod_facts(resources: &Resources, index: &Index, pod: &Pod) -> PodFacts {
-    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let sa = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .unwrap_or("default");
+fn pod_facts(resources: &Resources, index: &Index, pod: &PodInfo) -> PodFacts {
+    let ns = pod.namespace.as_str();
+    // `serviceAccountName` only (not the deprecated alias that a proxy's account falls back
+    // to): the API server fills it from the alias, so they differ only in local YAML.
+    let sa = pod.service_account_name.as_deref().unwrap_or("default");
     let account_identity = spiffe_id(&resources.settings.trust_domain, ns, sa);
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    let tls_disabled = labels.get(LABEL_TLS_MODE).is_some_and(|m| m == "disabled");
-    let identity = (is_meshed(pod) && !tls_disabled).then(|| account_identity.clone());
-    let mtls =
-        inbound::peer_authentication_mode(index, &resources.settings.root_namespace, ns, &labels);
+    let tls_disabled = pod
+        .labels
+        .get(LABEL_TLS_MODE)
+        .is_some_and(|m| m == "disabled");
+    let identity = (pod.meshed && !tls_disabled).then(|| account_identity.clone());
+    let mtls = inbound::peer_authentication_mode(
+        index,
+        &resources.settings.root_namespace,
+        ns,
+        &pod.labels,
+    );
     PodFacts {
         identity,
         account_identity,
@@ -221,7 +191,7 @@ fn pod_facts(resources: &Resources, index: &Index, pod: &Pod) -> PodFacts {
 }
 
 fn endpoint_for_pod(
-    pod: &Pod,
+    pod: &PodInfo,
     address: IpAddr,
     facts: &PodFacts,
     ports: &[RegPort],
@@ -244,7 +214,7 @@ fn endpoint_for_pod(
     RegEndpoint {
         address,
         ports: mapped,
-        labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
+        labels: pod.labels.clone(),
         identity: facts.identity.clone(),
         plaintext_ports,
         account_identity: Some(facts.account_identity.clone()),
@@ -354,7 +324,7 @@ fn kubernetes_service(
                     };
                     let endpoint = match pod {
                         Some(pod) => {
-                            let k = (ns.clone(), pod.metadata.name.clone().unwrap_or_default());
+                            let k = (ns.clone(), pod.name.clone());
                             let f = facts
                                 .entry(k)
                                 .or_insert_with(|| pod_facts(resources, index, pod));
@@ -376,11 +346,11 @@ fn kubernetes_service(
         }
     } else if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
         for pod in selected(by_label, &ns, selector) {
-            let Some(address) = pod_ready(pod) else {
+            let Some(address) = pod.serving_ip() else {
                 continue;
             };
             let f = facts
-                .entry((ns.clone(), pod.metadata.name.clone().unwrap_or_default()))
+                .entry((ns.clone(), pod.name.clone()))
                 .or_insert_with(|| pod_facts(resources, index, pod));
             endpoints.push(endpoint_for_pod(pod, address, f, &ports, None));
         }
@@ -483,11 +453,11 @@ fn service_entry(
         .filter(|s| !s.labels.is_empty())
     {
         for pod in selected(by_label, &ns, &selector.labels) {
-            let Some(address) = pod_ready(pod) else {
+            let Some(address) = pod.serving_ip() else {
                 continue;
             };
             let f = facts
-                .entry((ns.clone(), pod.metadata.name.clone().unwrap_or_default()))
+                .entry((ns.clone(), pod.name.clone()))
                 .or_insert_with(|| pod_facts(resources, index, pod));
             endpoints.push(endpoint_for_pod(pod, address, f, &ports, None));
         }
