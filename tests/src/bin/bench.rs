@@ -42,6 +42,8 @@ struct DataplaneReport {
     rps: u64,
     connections: u64,
     seconds: u64,
+    /// Rounds the seconds were split into (see [`rounds`]).
+    rounds: u64,
     response_bytes: usize,
     modes: Vec<ModeResult>,
     /// p50 added over direct, microseconds, per mode.
@@ -68,11 +70,15 @@ fn main() -> anyhow::Result<()> {
     let seconds: u64 = std::env::var("WEFT_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
+        .unwrap_or(30);
     let which: Vec<String> = std::env::args().skip(1).collect();
     let wants = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
     if wants("dataplane") {
-        let report = dataplane(seconds)?;
+        let rounds: u64 = std::env::var("WEFT_BENCH_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3);
+        let report = dataplane(seconds, rounds)?;
         write_dataplane(&out, &report)?;
     }
     Ok(())
@@ -111,6 +117,74 @@ fn load(node: &LocalNode, from: &PodRef, url: &str, seconds: u64) -> anyhow::Res
     )
 }
 
+/// One mode of the data-plane scenario: the client pod, the URL it loads, and the proxies
+/// (label, pod, container) whose CPU and memory count.
+struct Mode<'a> {
+    name: &'static str,
+    from: &'a PodRef,
+    url: String,
+    proxies: Vec<(&'static str, &'a PodRef, &'static str)>,
+}
+
+/// Runs every mode `rounds` times, `seconds / rounds` each, in an order rotated each round,
+/// so that a slow spell of a shared machine, or whichever mode happens to run first, does not
+/// decide a comparison. A mode's percentiles are the medians of its rounds' percentiles; its
+/// CPU seconds add up over the rounds and its peak RSS is the largest seen.
+fn rounds(
+    node: &LocalNode,
+    modes: &[Mode<'_>],
+    seconds: u64,
+    rounds: u64,
+) -> anyhow::Result<Vec<ModeResult>> {
+    let rounds = rounds.clamp(1, seconds.max(1));
+    let each = (seconds / rounds).max(1);
+    for m in modes {
+        println!("  {}: warm-up", m.name);
+        load(node, m.from, &m.url, 2)?;
+    }
+    let mut runs: Vec<Vec<ModeResult>> = modes.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds as usize {
+        println!("  round {} of {rounds}", round + 1);
+        for i in (0..modes.len()).map(|i| (i + round) % modes.len()) {
+            let m = &modes[i];
+            runs[i].push(measured(node, m.name, m.from, &m.url, each, &m.proxies)?);
+        }
+    }
+    Ok(runs.into_iter().map(combine).collect())
+}
+
+/// One result out of a mode's rounds (see [`rounds`]).
+fn combine(runs: Vec<ModeResult>) -> ModeResult {
+    fn median(mut v: Vec<u64>) -> u64 {
+        v.sort_unstable();
+        v[v.len() / 2]
+    }
+    let first = &runs[0];
+    let proxies = first
+        .proxies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ProxyUsage {
+            name: p.name.clone(),
+            cpu_seconds: runs.iter().map(|r| r.proxies[i].cpu_seconds).sum(),
+            peak_rss_mb: runs
+                .iter()
+                .map(|r| r.proxies[i].peak_rss_mb)
+                .fold(0.0, f64::max),
+        })
+        .collect();
+    ModeResult {
+        mode: first.mode.clone(),
+        p50_us: median(runs.iter().map(|r| r.p50_us).collect()),
+        p90_us: median(runs.iter().map(|r| r.p90_us).collect()),
+        p99_us: median(runs.iter().map(|r| r.p99_us).collect()),
+        rps: runs.iter().map(|r| r.rps).sum::<f64>() / runs.len() as f64,
+        ok: runs.iter().map(|r| r.ok).sum(),
+        failed: runs.iter().map(|r| r.failed).sum(),
+        proxies,
+    }
+}
+
 fn measured(
     node: &LocalNode,
     mode: &str,
@@ -119,8 +193,6 @@ fn measured(
     seconds: u64,
     proxies: &[(&str, &PodRef, &str)],
 ) -> anyhow::Result<ModeResult> {
-    println!("  {mode}: warm-up");
-    load(node, from, url, 2)?;
     let before: Vec<ProcUsage> = proxies
         .iter()
         .map(|(_, p, c)| usage(node, p, c))
@@ -185,7 +257,7 @@ fn routing_rules(host: &str, rules: usize) -> String {
     yaml
 }
 
-fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
+fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport> {
     println!(
         "dataplane: direct vs Weft sidecars (iptables and eBPF redirection, 1 and 50 routing rules) vs HAProxy mTLS pair"
     );
@@ -299,60 +371,48 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
     )))?;
 
     let path = format!("/bytes/{BYTES}");
-    let modes = vec![
-        measured(
-            &node,
-            "direct",
-            &plain_client,
-            &format!("http://{}:8080{path}", plain_server.ip),
-            seconds,
-            &[],
-        )?,
-        measured(
-            &node,
-            "weft-iptables",
-            &ipt_client,
-            &format!("http://bench-ipt:8080{path}"),
-            seconds,
-            &[
-                ("client sidecar", &ipt_client, "weft-proxy"),
-                ("server sidecar", &ipt_server, "weft-proxy"),
-            ],
-        )?,
-        measured(
-            &node,
-            "weft-ebpf",
-            &ebpf_client,
-            &format!("http://bench-ebpf:8080{path}"),
-            seconds,
-            &[
-                ("client sidecar", &ebpf_client, "weft-proxy"),
-                ("server sidecar", &ebpf_server, "weft-proxy"),
-            ],
-        )?,
-        measured(
-            &node,
-            "weft-iptables-50-rules",
-            &ipt_client,
-            &format!("http://bench-routed:8080{path}"),
-            seconds,
-            &[
-                ("client sidecar", &ipt_client, "weft-proxy"),
-                ("server sidecar", &ipt_server, "weft-proxy"),
-            ],
-        )?,
-        measured(
-            &node,
-            "haproxy-mtls",
-            &plain_client,
-            &format!("http://127.0.0.1:15001{path}"),
-            seconds,
-            &[
+    let sidecars = |client, server| {
+        vec![
+            ("client sidecar", client, "weft-proxy"),
+            ("server sidecar", server, "weft-proxy"),
+        ]
+    };
+    let plan = [
+        Mode {
+            name: "direct",
+            from: &plain_client,
+            url: format!("http://{}:8080{path}", plain_server.ip),
+            proxies: vec![],
+        },
+        Mode {
+            name: "weft-iptables",
+            from: &ipt_client,
+            url: format!("http://bench-ipt:8080{path}"),
+            proxies: sidecars(&ipt_client, &ipt_server),
+        },
+        Mode {
+            name: "weft-ebpf",
+            from: &ebpf_client,
+            url: format!("http://bench-ebpf:8080{path}"),
+            proxies: sidecars(&ebpf_client, &ebpf_server),
+        },
+        Mode {
+            name: "weft-iptables-50-rules",
+            from: &ipt_client,
+            url: format!("http://bench-routed:8080{path}"),
+            proxies: sidecars(&ipt_client, &ipt_server),
+        },
+        Mode {
+            name: "haproxy-mtls",
+            from: &plain_client,
+            url: format!("http://127.0.0.1:15001{path}"),
+            proxies: vec![
                 ("client haproxy", &plain_client, "haproxy"),
                 ("server haproxy", &plain_server, "haproxy"),
             ],
-        )?,
+        },
     ];
+    let modes = rounds(&node, &plan, seconds, rounds_wanted)?;
     // The signal thread holds the node too: tear it down now, not when both are gone.
     node.teardown();
     let direct = modes[0].clone();
@@ -366,6 +426,7 @@ fn dataplane(seconds: u64) -> anyhow::Result<DataplaneReport> {
         rps: RPS,
         connections: CONNS,
         seconds,
+        rounds: rounds_wanted.clamp(1, seconds.max(1)),
         response_bytes: BYTES,
         added_p50_us: added(|m| m.p50_us),
         added_p99_us: added(|m| m.p99_us),
@@ -452,8 +513,13 @@ fn write_dataplane(out: &Path, r: &DataplaneReport) -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "# Data plane: {} rps, {} connections, {} s, {} B responses\n",
-        r.rps, r.connections, r.seconds, r.response_bytes
+        "# Data plane: {} rps, {} connections, {} s, {} B responses\n\nEach mode ran {} rounds of {} s, the modes' order rotated each round; percentiles are the medians of the rounds', CPU seconds their sum.\n",
+        r.rps,
+        r.connections,
+        r.seconds,
+        r.response_bytes,
+        r.rounds,
+        (r.seconds / r.rounds).max(1)
     )?;
     writeln!(
         md,
