@@ -9,6 +9,8 @@
 //! 2. Semantics per kind, following Istio's `pkg/config/validation` and the Gateway API's CEL
 //!    rules (hosts, weights, durations, ports, regexes, headers, retry conditions, mTLS modes,
 //!    JWT rules, authorization rules, filters …).
+//!    Valid fields and kinds Weft does not honour yet are warnings naming them
+//!    ([`unsupported`]), so that nothing is ignored without a word.
 //! 3. Across documents ([`validate_documents`] only): duplicates, and the conflicts whose
 //!    outcome Istio documents as merged, undefined or ignored (several VirtualServices for one
 //!    host, HTTPRoute and VirtualService for one service, several DestinationRules for one
@@ -23,6 +25,7 @@ mod security;
 mod smi;
 mod syntax;
 mod telemetry;
+mod unsupported;
 
 use std::fmt;
 
@@ -297,6 +300,7 @@ fn validate_one(object: &Value, index: usize) -> Checked {
             AnyResource::ReferenceGrant(r) => gateway::reference_grant(&r.spec, &mut report),
             AnyResource::TrafficSplit(r) => smi::traffic_split(&r.spec, &mut report),
         }
+        unsupported::check(known.group, known.kind, object, &mut report);
     }
     Checked {
         object: label,

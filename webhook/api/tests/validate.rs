@@ -686,3 +686,78 @@ fn findings_render_for_the_cli() {
         "{text:#?}"
     );
 }
+
+#[test]
+fn fields_weft_does_not_honour_are_warnings_naming_them() {
+    let warned = |yaml: &str| -> Vec<(String, String)> {
+        let found = findings(yaml);
+        assert!(
+            !has_errors(&found),
+            "valid Istio must stay accepted: {found:#?}"
+        );
+        found
+            .into_iter()
+            .filter(|f| f.severity == Severity::Warning && f.message.contains("Weft"))
+            .map(|f| (f.field, f.message))
+            .collect()
+    };
+    let fields = |w: &[(String, String)]| w.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>();
+
+    let retries = warned(&vs(
+        "  - route:\n    - destination: {host: reviews}\n    retries: {attempts: 3, backoff: 100ms}\n  - route:\n    - destination: {host: reviews}\n    retries: {attempts: 2, retryIgnorePreviousHosts: true}\n",
+    ));
+    assert_eq!(
+        fields(&retries),
+        [
+            "spec.http[1].retries.retryIgnorePreviousHosts",
+            "spec.http[0].retries.backoff"
+        ]
+    );
+    assert!(
+        retries[1].1.contains("not supported by Weft"),
+        "{retries:?}"
+    );
+
+    let dr = warned(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r, namespace: ns}\nspec:\n  host: reviews\n  trafficPolicy:\n    proxyProtocol: {version: V1}\n    connectionPool: {tcp: {maxConnections: 10}}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      outlierDetection: {consecutive5xxErrors: 3, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}\n      portLevelSettings:\n      - port: {number: 9080}\n        tls: {mode: SIMPLE, credentialName: reviews-tls}\n",
+    );
+    assert_eq!(
+        fields(&dr),
+        [
+            "spec.trafficPolicy.proxyProtocol",
+            "spec.subsets[0].trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
+            "spec.subsets[0].trafficPolicy.outlierDetection.consecutiveLocalOriginFailures",
+            "spec.subsets[0].trafficPolicy.portLevelSettings[0].tls.credentialName",
+        ]
+    );
+    // What Weft does honour gives no such warning.
+    assert!(
+        warned(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r, namespace: ns}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: LEAST_REQUEST, warmup: {duration: 10s}}\n    connectionPool: {tcp: {maxConnections: 10}, http: {http1MaxPendingRequests: 5}}\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 30s}\n"
+        )
+        .is_empty()
+    );
+
+    let on_gateway = warned(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: ns}\nspec:\n  hosts: [\"*\"]\n  gateways: [bookinfo-gateway]\n  http:\n  - route:\n    - destination: {host: productpage}\n",
+    );
+    assert_eq!(fields(&on_gateway), ["spec.gateways"]);
+    assert!(
+        on_gateway[0].1.contains("bookinfo-gateway") && on_gateway[0].1.contains("no sidecar"),
+        "{on_gateway:?}"
+    );
+
+    let authz = warned(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: ns}\nspec: {}\n",
+    );
+    assert_eq!(fields(&authz), ["kind"]);
+    assert!(authz[0].1.contains("NOT ENFORCED"), "{authz:?}");
+
+    let route = warned(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: reviews, port: 9080}]\n  hostnames: [reviews.example]\n  rules:\n  - filters:\n    - type: ExtensionRef\n      extensionRef: {group: example.com, kind: Filter, name: f}\n    backendRefs: [{name: reviews, port: 9080}]\n",
+    );
+    assert_eq!(
+        fields(&route),
+        ["spec.rules[0].filters[0].extensionRef", "spec.hostnames"]
+    );
+}
