@@ -586,6 +586,27 @@ async fn answers_denials_skips_and_other_kinds() {
             .is_some_and(|w| w.contains("consecutiveErrors")),
         "{warnings:?}"
     );
+
+    // Valid Istio that Weft does not enforce is admitted, with a warning that says so.
+    let (status, body) = server
+        .post(
+            "/validate",
+            corpus_object(
+                "istio-api/valid/api-reference-examples/authorization_policy-02.yaml",
+                "AuthorizationPolicy",
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", text(&body));
+    let resp: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(resp["response"]["allowed"], true, "{resp}");
+    let warnings = resp["response"]["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("NOT ENFORCED"))),
+        "{warnings:?}"
+    );
     server.stop().await;
 }
 
