@@ -10,3 +10,22 @@
 pub mod kube;
 pub mod local;
 pub mod screen;
+
+/// The regex of the first match of the stored VirtualService `shop/name`, if it is stored
+/// (the screening tests of both sources).
+#[cfg(test)]
+fn stored_regex(store: &crate::resources::Store, name: &str) -> Option<String> {
+    let r = store.snapshot();
+    let entry = r.configs.get(&(
+        "networking.istio.io/VirtualService".to_owned(),
+        "shop".to_owned(),
+        name.to_owned(),
+    ))?;
+    let weft_api::crd::AnyResource::VirtualService(vs) = &*entry.resource else {
+        panic!("a VirtualService")
+    };
+    let value = serde_json::to_value(&vs.spec).expect("serialisable");
+    value["http"][0]["match"][0]["uri"]["regex"]
+        .as_str()
+        .map(str::to_owned)
+}

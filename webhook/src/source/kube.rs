@@ -1032,23 +1032,6 @@ mod tests {
         )
     }
 
-    /// The regex of the first match of the stored VirtualService `name`.
-    fn stored_regex(store: &Store, name: &str) -> Option<String> {
-        let r = store.snapshot();
-        let entry = r.configs.get(&(
-            "networking.istio.io/VirtualService".to_owned(),
-            "shop".to_owned(),
-            name.to_owned(),
-        ))?;
-        let weft_api::crd::AnyResource::VirtualService(vs) = &*entry.resource else {
-            panic!("a VirtualService")
-        };
-        let value = serde_json::to_value(&vs.spec).expect("serialisable");
-        value["http"][0]["match"][0]["uri"]["regex"]
-            .as_str()
-            .map(str::to_owned)
-    }
-
     fn metric(metrics: &Metrics, name: &str) -> String {
         let prefix = format!("{name}{{kind=\"networking.istio.io/VirtualService\"}} ");
         let text = metrics.encode();
@@ -1092,7 +1075,10 @@ mod tests {
             ],
         );
         assert_eq!(seen, ["nothing", "nothing", "nothing", "replace"]);
-        assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
+        assert_eq!(
+            crate::source::stored_regex(&store, "reviews").as_deref(),
+            Some("^/v1/.*")
+        );
         assert_eq!(
             store.snapshot().configs.len(),
             1,
@@ -1122,7 +1108,10 @@ mod tests {
         );
         assert_eq!(seen, ["nothing"]);
         assert_eq!(store.generation(), generation, "no change reaches proxies");
-        assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
+        assert_eq!(
+            crate::source::stored_regex(&store, "reviews").as_deref(),
+            Some("^/v1/.*")
+        );
         assert_eq!(metric(&metrics, "weft_config_rejected"), "2");
         assert_eq!(metric(&metrics, "weft_config_rejections_total"), "2");
 
@@ -1141,8 +1130,11 @@ mod tests {
                 Event::InitDone,
             ],
         );
-        assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
-        assert_eq!(stored_regex(&store, "ratings"), None);
+        assert_eq!(
+            crate::source::stored_regex(&store, "reviews").as_deref(),
+            Some("^/v1/.*")
+        );
+        assert_eq!(crate::source::stored_regex(&store, "ratings"), None);
         assert_eq!(metric(&metrics, "weft_config_rejected"), "2");
         assert_eq!(metric(&metrics, "weft_config_rejections_total"), "2");
 
@@ -1157,7 +1149,7 @@ mod tests {
         );
         assert_eq!(seen, ["upsert"]);
         assert_eq!(
-            stored_regex(&store, "ratings").as_deref(),
+            crate::source::stored_regex(&store, "ratings").as_deref(),
             Some("^/v1/(a|b)$")
         );
         assert_eq!(screen.held_keys(), vec![key("reviews")]);
@@ -1173,7 +1165,7 @@ mod tests {
             vec![Event::Delete(routed("reviews", "^/v2/[a-"))],
         );
         assert_eq!(seen, ["remove"]);
-        assert_eq!(stored_regex(&store, "reviews"), None);
+        assert_eq!(crate::source::stored_regex(&store, "reviews"), None);
         assert!(screen.held_keys().is_empty());
         assert_eq!(metric(&metrics, "weft_config_rejected"), "0");
 

@@ -343,23 +343,6 @@ mod tests {
         )
     }
 
-    /// The regex of the stored VirtualService `name`, if it is stored.
-    fn stored_regex(store: &Store, name: &str) -> Option<String> {
-        let r = store.snapshot();
-        let entry = r.configs.get(&(
-            "networking.istio.io/VirtualService".to_owned(),
-            "shop".to_owned(),
-            name.to_owned(),
-        ))?;
-        let weft_api::crd::AnyResource::VirtualService(vs) = &*entry.resource else {
-            panic!("a VirtualService")
-        };
-        let value = serde_json::to_value(&vs.spec).expect("serialisable");
-        value["http"][0]["match"][0]["uri"]["regex"]
-            .as_str()
-            .map(str::to_owned)
-    }
-
     fn stored_lb(store: &Store) -> Option<String> {
         let r = store.snapshot();
         let entry = r.configs.get(&(
@@ -412,9 +395,16 @@ mod tests {
         let mut src = LocalSource::new(dir.to_path_buf()).with_screen(Screen::new(&metrics));
         assert!(src.sync(&store));
         assert_eq!(store.snapshot().services.len(), 1);
-        assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
+        assert_eq!(
+            crate::source::stored_regex(&store, "reviews").as_deref(),
+            Some("^/v1/.*")
+        );
         assert_eq!(stored_lb(&store).as_deref(), Some("ROUND_ROBIN"));
-        assert_eq!(stored_regex(&store, "ratings"), None, "rejected: absent");
+        assert_eq!(
+            crate::source::stored_regex(&store, "ratings"),
+            None,
+            "rejected: absent"
+        );
         assert_eq!(held_names(&src), ["ratings"]);
         let held = src.screen().held();
         assert!(
@@ -437,7 +427,10 @@ mod tests {
         );
         assert!(src.sync(&store));
         assert_eq!(stored_lb(&store).as_deref(), Some("LEAST_REQUEST"));
-        assert_eq!(stored_regex(&store, "reviews").as_deref(), Some("^/v1/.*"));
+        assert_eq!(
+            crate::source::stored_regex(&store, "reviews").as_deref(),
+            Some("^/v1/.*")
+        );
         assert_eq!(held_names(&src), ["ratings", "reviews"]);
         assert_eq!(metric(&metrics, "weft_config_rejected"), "2");
         assert_eq!(metric(&metrics, "weft_config_rejections_total"), "2");
@@ -461,7 +454,7 @@ mod tests {
         write("ratings.yaml", &routed("ratings", "^/v1/(a|b)$"));
         assert!(src.sync(&store));
         assert_eq!(
-            stored_regex(&store, "ratings").as_deref(),
+            crate::source::stored_regex(&store, "ratings").as_deref(),
             Some("^/v1/(a|b)$")
         );
         assert_eq!(held_names(&src), ["reviews"]);
@@ -474,7 +467,7 @@ mod tests {
             &format!("{SERVICE}---\n{}", destination_rule("RANDOM")),
         );
         assert!(src.sync(&store));
-        assert_eq!(stored_regex(&store, "reviews"), None);
+        assert_eq!(crate::source::stored_regex(&store, "reviews"), None);
         assert!(held_names(&src).is_empty());
         assert_eq!(metric(&metrics, "weft_config_rejected"), "0");
 
