@@ -159,13 +159,9 @@ pub fn publish_dir_roots(dir: &Path, roots_pem: &str) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn secret_text(
-    secret: &Secret,
-    name: &str,
-    key: &str,
-    required: bool,
-) -> Result<String, StoreError> {
-    let value = secret
+/// The text under `key` of a Secret, from `data` or else `stringData`.
+pub(crate) fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    secret
         .data
         .as_ref()
         .and_then(|d| d.get(key))
@@ -176,8 +172,16 @@ fn secret_text(
                 .as_ref()
                 .and_then(|d| d.get(key))
                 .cloned()
-        });
-    match value {
+        })
+}
+
+fn secret_text(
+    secret: &Secret,
+    name: &str,
+    key: &str,
+    required: bool,
+) -> Result<String, StoreError> {
+    match secret_value(secret, key) {
         Some(v) => Ok(v),
         None if required => Err(StoreError::Missing {
             secret: name.to_owned(),

@@ -163,19 +163,7 @@ fn read_dir_material(dir: &Path) -> Result<Material, TrustError> {
 
 fn material_of_secret(secret: &Secret, name: &str) -> Result<Material, TrustError> {
     let text = |key: &str, required: bool| -> Result<String, TrustError> {
-        let value = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .cloned()
-            });
-        match value {
+        match crate::ca::store::secret_value(secret, key) {
             Some(v) => Ok(v),
             None if required => Err(TrustError::Missing {
                 secret: name.to_owned(),
