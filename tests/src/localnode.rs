@@ -1927,6 +1927,16 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// When a signal is tearing the node down ([`teardown_on_signal`]), waits for that thread to
+/// end the process, so that returning from `main` does not cut the teardown short.
+pub fn wait_if_interrupted() {
+    if interrupted() {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 impl Drop for LocalNode {
     fn drop(&mut self) {
         self.teardown();

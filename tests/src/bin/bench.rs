@@ -275,6 +275,38 @@ fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport
         ..Default::default()
     })?);
     localnode::teardown_on_signal(node.clone())?;
+    let modes = measure_dataplane(&node, seconds, rounds_wanted);
+    // Whatever happened, the node goes: the signal thread holds it too, so dropping ours
+    // would not tear it down.
+    localnode::wait_if_interrupted();
+    node.teardown();
+    let modes = modes?;
+    let direct = modes[0].clone();
+    let added = |f: fn(&ModeResult) -> u64| -> Vec<(String, i64)> {
+        modes[1..]
+            .iter()
+            .map(|m| (m.mode.clone(), f(m) as i64 - f(&direct) as i64))
+            .collect()
+    };
+    Ok(DataplaneReport {
+        rps: RPS,
+        connections: CONNS,
+        seconds,
+        rounds: rounds_wanted.clamp(1, seconds.max(1)),
+        response_bytes: BYTES,
+        added_p50_us: added(|m| m.p50_us),
+        added_p99_us: added(|m| m.p99_us),
+        modes,
+    })
+}
+
+/// The pods, services and routes of the data-plane scenario on `node`, then every mode
+/// measured ([`rounds`]); `direct` first.
+fn measure_dataplane(
+    node: &LocalNode,
+    seconds: u64,
+    rounds_wanted: u64,
+) -> anyhow::Result<Vec<ModeResult>> {
     let dir = node.dir().join("bench");
     std::fs::create_dir_all(&dir)?;
 
@@ -412,26 +444,7 @@ fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport
             ],
         },
     ];
-    let modes = rounds(&node, &plan, seconds, rounds_wanted)?;
-    // The signal thread holds the node too: tear it down now, not when both are gone.
-    node.teardown();
-    let direct = modes[0].clone();
-    let added = |f: fn(&ModeResult) -> u64| -> Vec<(String, i64)> {
-        modes[1..]
-            .iter()
-            .map(|m| (m.mode.clone(), f(m) as i64 - f(&direct) as i64))
-            .collect()
-    };
-    Ok(DataplaneReport {
-        rps: RPS,
-        connections: CONNS,
-        seconds,
-        rounds: rounds_wanted.clamp(1, seconds.max(1)),
-        response_bytes: BYTES,
-        added_p50_us: added(|m| m.p50_us),
-        added_p99_us: added(|m| m.p99_us),
-        modes,
-    })
+    rounds(node, &plan, seconds, rounds_wanted)
 }
 
 /// Sets the pod's `sidecar.istio.io/interceptionMode`.

@@ -24,12 +24,8 @@ fn main() -> anyhow::Result<()> {
     let node = Arc::new(LocalNode::start().context("start the local node")?);
     localnode::teardown_on_signal(node.clone())?;
     let result = run(&node);
-    if localnode::interrupted() {
-        // `run` failed because the node went away under it; the signal thread exits.
-        loop {
-            std::thread::park();
-        }
-    }
+    // If `run` failed because a signal took the node away under it, the signal thread exits.
+    localnode::wait_if_interrupted();
     node.teardown();
     println!("\nlocal node removed.");
     result
