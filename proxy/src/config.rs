@@ -157,13 +157,14 @@ impl Settings {
         let concurrency = match get(ENV_CONCURRENCY) {
             None => DEFAULT_CONCURRENCY,
             Some(v) => match v.trim().parse::<usize>() {
-                Ok(0) => DEFAULT_CONCURRENCY,
+                // Istio's `concurrency: 0`: one worker per CPU.
+                Ok(0) => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
                 Ok(n) if (1..=64).contains(&n) => n,
                 _ => {
                     return Err(SettingsError {
                         name: ENV_CONCURRENCY,
                         value: v,
-                        reason: "must be a number of threads between 1 and 64 (0: the default)"
+                        reason: "must be a number of threads between 1 and 64 (0: one per CPU)"
                             .into(),
                     });
                 }
@@ -308,8 +309,9 @@ mod tests {
             None,
             source(&[("WEFT_CONCURRENCY", "0"), ("WEFT_STATUS_PORT", "0")]),
         )
-        .expect("0 means default / disabled");
-        assert_eq!((s.concurrency, s.ports.status), (DEFAULT_CONCURRENCY, 0));
+        .expect("0 means one per CPU / disabled");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+        assert_eq!((s.concurrency, s.ports.status), (cpus, 0));
         let e = Settings::from_source(None, source(&[("WEFT_CONCURRENCY", "65")]))
             .expect_err("bad concurrency");
         assert!(e.to_string().contains("WEFT_CONCURRENCY"), "{e}");

@@ -158,8 +158,8 @@ fn specific_annotations_are_honoured() {
     assert_eq!(common::env(proxy, "FOO"), Some("bar"));
     assert_eq!(
         common::env(proxy, "WEFT_CONCURRENCY"),
-        None,
-        "concurrency 0 = proxy default"
+        Some("4"),
+        "concurrency 0 with proxyCPU 4000m: four workers, as Istio's test input expects"
     );
     let res = proxy.resources.as_ref().expect("resources");
     assert_eq!(res.requests.as_ref().expect("requests")["cpu"].0, "4000m");

@@ -36,7 +36,7 @@ pub const ENV_ROOT_CERT_PATH: &str = "WEFT_ROOT_CERT";
 pub const ENV_CREDENTIALS_DIR: &str = "WEFT_CREDENTIALS_DIR";
 /// Port of the status server (app probes, merged metrics, `/quitquitquit`); `0` disables it.
 pub const ENV_STATUS_PORT: &str = "WEFT_STATUS_PORT";
-/// Worker threads of the proxy; `0` or unset picks the default.
+/// Worker threads of the proxy: unset, one; `0`, one per CPU (Istio's `concurrency: 0`).
 pub const ENV_CONCURRENCY: &str = "WEFT_CONCURRENCY";
 /// `tracing` filter, e.g. `info` or `weft_proxy=debug`.
 pub const ENV_LOG_LEVEL: &str = "WEFT_LOG_LEVEL";

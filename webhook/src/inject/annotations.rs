@@ -449,11 +449,9 @@ pub fn settings(
                 Denial::annotation(PROXY_CONFIG, v, format!("terminationDrainDuration: {e}"))
             })?;
         }
-        match pc.concurrency {
-            // Istio's 0 means "as many as CPUs": the proxy's own default.
-            Some(0) => concurrency = None,
-            Some(n) => concurrency = Some(n),
-            None => {}
+        // Istio's 0 means "one per CPU"; the proxy reads it so.
+        if pc.concurrency.is_some() {
+            concurrency = pc.concurrency;
         }
         if let Some(addr) = &pc.discovery_address {
             validate_host_port(addr).map_err(|e| {
@@ -483,6 +481,21 @@ pub fn settings(
 
     // Proxy container.
     let resources = resources(ann, mesh)?;
+    // Istio sizes the proxy's workers from its CPU: with `concurrency: 0`, or unset when the
+    // pod sets the proxy's CPU by annotation, one per core of the limit (else the request),
+    // rounded up (2500m: 3). Weft's own default stays one worker, whatever the mesh's default
+    // resources; a `0` with no CPU known is left to the proxy (one worker per CPU).
+    let pod_sets_cpu = ann.contains_key(PROXY_CPU_LIMIT) || ann.contains_key(PROXY_CPU);
+    if concurrency == Some(0) || (concurrency.is_none() && pod_sets_cpu) {
+        let cpu = |m: &Option<BTreeMap<String, Quantity>>| {
+            m.as_ref()
+                .and_then(|m| m.get("cpu"))
+                .and_then(|q| cores(&q.0))
+        };
+        if let Some(n) = cpu(&resources.limits).or_else(|| cpu(&resources.requests)) {
+            concurrency = Some(n);
+        }
+    }
     let log_level = match get(LOG_LEVEL) {
         None => parse_log_level(&mesh.log_level).unwrap_or_else(|_| mesh.log_level.clone()),
         Some(v) => parse_log_level(v).map_err(|e| Denial::annotation(LOG_LEVEL, v, e))?,
@@ -538,6 +551,17 @@ pub fn settings(
         readiness,
         warnings,
     })
+}
+
+/// Whole cores a CPU quantity (`2`, `0.5`, `2500m`) amounts to, rounded up; `None` for a
+/// quantity that is not a plain or milli amount.
+fn cores(quantity: &str) -> Option<u32> {
+    let q = quantity.trim();
+    let millis: f64 = match q.strip_suffix('m') {
+        Some(m) => m.parse().ok()?,
+        None => q.parse::<f64>().ok()? * 1000.0,
+    };
+    (millis.is_finite() && millis > 0.0).then(|| ((millis / 1000.0).ceil() as u32).clamp(1, 64))
 }
 
 fn dedup(ports: &mut Vec<u16>) {
@@ -667,6 +691,63 @@ mod tests {
         for bad in ["", "abc", "1.2.3", "10 m", "1Zi", "m", ".", "1e"] {
             assert!(validate_quantity(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cpu_quantities_in_whole_cores() {
+        for (q, n) in [
+            ("2", 2),
+            ("2500m", 3),
+            ("0.5", 1),
+            ("100m", 1),
+            ("4000m", 4),
+        ] {
+            assert_eq!(cores(q), Some(n), "{q}");
+        }
+        for q in ["0", "0m", "1Gi", "abc", ""] {
+            assert_eq!(cores(q), None, "{q}");
+        }
+        assert_eq!(cores("1000"), Some(64), "capped at the proxy's maximum");
+    }
+
+    #[test]
+    fn concurrency_follows_istio_where_the_pod_sizes_the_proxy() {
+        let with = |ann: &[(&str, &str)], mesh: &MeshConfig| {
+            let mut pod = Pod::default();
+            pod.metadata.annotations = Some(
+                ann.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            );
+            settings(&pod, mesh, Some(true)).expect("valid").concurrency
+        };
+        let mesh = MeshConfig::default();
+        // Nothing set: Weft's default (one worker), not the mesh default resources' 2 CPUs.
+        assert_eq!(with(&[], &mesh), None);
+        assert_eq!(with(&[(PROXY_CPU_LIMIT, "2500m")], &mesh), Some(3));
+        assert_eq!(with(&[(PROXY_CPU, "1500m")], &mesh), Some(2));
+        // An explicit value wins over the CPU.
+        let pc = |c: &str| format!("concurrency: {c}");
+        assert_eq!(
+            with(&[(PROXY_CPU_LIMIT, "4"), (PROXY_CONFIG, &pc("1"))], &mesh),
+            Some(1)
+        );
+        // 0: from the proxy's CPU, the mesh default's limit when the pod sets none.
+        assert_eq!(with(&[(PROXY_CONFIG, &pc("0"))], &mesh), Some(2));
+        let bare = MeshConfig {
+            default_resources: ResourceRequirements::default(),
+            ..MeshConfig::default()
+        };
+        assert_eq!(
+            with(&[(PROXY_CONFIG, &pc("0"))], &bare),
+            Some(0),
+            "one per CPU"
+        );
+        let pinned = MeshConfig {
+            concurrency: Some(3),
+            ..MeshConfig::default()
+        };
+        assert_eq!(with(&[(PROXY_CPU_LIMIT, "8")], &pinned), Some(3));
     }
 
     #[test]
