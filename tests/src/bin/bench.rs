@@ -136,7 +136,7 @@ fn rounds(
     seconds: u64,
     rounds: u64,
 ) -> anyhow::Result<Vec<ModeResult>> {
-    let rounds = rounds.clamp(1, seconds.max(1));
+    let rounds = rounds.max(1);
     let each = (seconds / rounds).max(1);
     for m in modes {
         println!("  {}: warm-up", m.name);
@@ -258,6 +258,7 @@ fn routing_rules(host: &str, rules: usize) -> String {
 }
 
 fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport> {
+    let rounds = rounds_wanted.clamp(1, seconds.max(1));
     println!(
         "dataplane: direct vs Weft sidecars (iptables and eBPF redirection, 1 and 50 routing rules) vs HAProxy mTLS pair"
     );
@@ -275,7 +276,7 @@ fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport
         ..Default::default()
     })?);
     localnode::teardown_on_signal(node.clone())?;
-    let modes = measure_dataplane(&node, seconds, rounds_wanted);
+    let modes = measure_dataplane(&node, seconds, rounds);
     // Whatever happened, the node goes: the signal thread holds it too, so dropping ours
     // would not tear it down.
     localnode::wait_if_interrupted();
@@ -292,7 +293,7 @@ fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport
         rps: RPS,
         connections: CONNS,
         seconds,
-        rounds: rounds_wanted.clamp(1, seconds.max(1)),
+        rounds,
         response_bytes: BYTES,
         added_p50_us: added(|m| m.p50_us),
         added_p99_us: added(|m| m.p99_us),
@@ -305,7 +306,7 @@ fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport
 fn measure_dataplane(
     node: &LocalNode,
     seconds: u64,
-    rounds_wanted: u64,
+    rounds_count: u64,
 ) -> anyhow::Result<Vec<ModeResult>> {
     let dir = node.dir().join("bench");
     std::fs::create_dir_all(&dir)?;
@@ -444,7 +445,7 @@ fn measure_dataplane(
             ],
         },
     ];
-    rounds(node, &plan, seconds, rounds_wanted)
+    rounds(node, &plan, seconds, rounds_count)
 }
 
 /// Sets the pod's `sidecar.istio.io/interceptionMode`.
