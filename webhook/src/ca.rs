@@ -83,21 +83,23 @@ impl Material {
     /// A new self-signed mesh root (ECDSA P-256, ten years).
     pub fn generate(trust_domain: &str) -> Result<Material, CaError> {
         let key = KeyPair::generate().map_err(CaError::Generate)?;
+        let now = SystemTime::now();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
             .push(DnType::OrganizationName, trust_domain);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "weft mesh root");
+        // Dated, so that the old and the new root of a rotation can be told apart.
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("weft mesh root {}", humantime::format_rfc3339_seconds(now)),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let now = SystemTime::now();
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + ROOT_TTL).into();
         params.serial_number = Some(serial());
@@ -524,6 +526,26 @@ mod tests {
             ),
             Err(CaError::Csr(_))
         ));
+    }
+
+    #[test]
+    fn generated_roots_are_named_by_their_date() {
+        let material = Material::generate("cluster.local").expect("root");
+        let der = CertificateDer::from_pem_slice(material.root_cert.as_bytes()).expect("der");
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .expect("a common name")
+            .to_owned();
+        let date = cn.strip_prefix("weft mesh root ").expect("named");
+        let issued = humantime::parse_rfc3339(date).expect("an RFC 3339 date");
+        let age = SystemTime::now()
+            .duration_since(issued)
+            .expect("not in the future");
+        assert!(age < Duration::from_secs(60), "{cn}");
     }
 
     #[test]
