@@ -70,14 +70,14 @@ fn main() -> anyhow::Result<()> {
     let seconds: u64 = std::env::var("WEFT_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(60);
     let which: Vec<String> = std::env::args().skip(1).collect();
     let wants = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
     if wants("dataplane") {
         let rounds: u64 = std::env::var("WEFT_BENCH_ROUNDS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(3);
+            .unwrap_or(6);
         let report = dataplane(seconds, rounds)?;
         write_dataplane(&out, &report)?;
     }
