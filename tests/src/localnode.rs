@@ -87,6 +87,8 @@ pub struct NodeOptions {
     /// Simulated nodes (cgroup subtrees, each with its own eBPF agent); pods alternate
     /// between them unless `spec.nodeName` names one (`node-0`, `node-1`, …).
     pub nodes: usize,
+    /// Extra arguments of every `weft-redirector node` (e.g. `--short-circuit=both`).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for NodeOptions {
@@ -98,6 +100,7 @@ impl Default for NodeOptions {
             cert_ttl: None,
             interception: Interception::Iptables,
             nodes: 1,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -269,6 +272,7 @@ impl LocalNode {
                     &cgroup,
                     &node.id,
                     i,
+                    &node.options.agent_args,
                 )?);
             }
             *node.agents.lock().unwrap_or_else(|p| p.into_inner()) = agents;

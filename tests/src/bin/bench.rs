@@ -44,6 +44,8 @@ struct DataplaneReport {
     seconds: u64,
     /// Rounds the seconds were split into (see [`rounds`]).
     rounds: u64,
+    /// The eBPF agents' `--short-circuit` (sk_msg between app and proxy sockets).
+    short_circuit: String,
     response_bytes: usize,
     modes: Vec<ModeResult>,
     /// p50 added over direct, microseconds, per mode.
@@ -269,8 +271,13 @@ fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport
     // An eBPF node: pods annotated `sidecar.istio.io/interceptionMode: REDIRECT` keep
     // iptables rules of their own, the others are redirected by the node agent, so both
     // redirect modes are measured on the same node in the same run.
+    // `WEFT_BENCH_SHORT_CIRCUIT=both` measures the agents' opt-in sk_msg both ways.
+    let short_circuit =
+        std::env::var("WEFT_BENCH_SHORT_CIRCUIT").unwrap_or_else(|_| "to-proxy".into());
+    let agent_args = vec![format!("--short-circuit={short_circuit}")];
     let node = Arc::new(LocalNode::start_with(NodeOptions {
         proxy_env,
+        agent_args,
         interception: Interception::Ebpf,
         nodes: 1,
         ..Default::default()
@@ -294,6 +301,7 @@ fn dataplane(seconds: u64, rounds_wanted: u64) -> anyhow::Result<DataplaneReport
         connections: CONNS,
         seconds,
         rounds,
+        short_circuit,
         response_bytes: BYTES,
         added_p50_us: added(|m| m.p50_us),
         added_p99_us: added(|m| m.p99_us),
@@ -527,13 +535,14 @@ fn write_dataplane(out: &Path, r: &DataplaneReport) -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "# Data plane: {} rps, {} connections, {} s, {} B responses\n\nEach mode ran {} rounds of {} s, the modes' order rotated each round; percentiles are the medians of the rounds', CPU seconds their sum.\n",
+        "# Data plane: {} rps, {} connections, {} s, {} B responses\n\nEach mode ran {} rounds of {} s, the modes' order rotated each round; percentiles are the medians of the rounds', CPU seconds their sum. eBPF agents: `--short-circuit={}`.\n",
         r.rps,
         r.connections,
         r.seconds,
         r.response_bytes,
         r.rounds,
-        (r.seconds / r.rounds).max(1)
+        (r.seconds / r.rounds).max(1),
+        r.short_circuit
     )?;
     writeln!(
         md,

@@ -40,6 +40,8 @@ pub struct Agent {
     cgroup: PathBuf,
     listen: SocketAddr,
     log: PathBuf,
+    /// Extra arguments, after the node's own.
+    extra_args: Vec<String>,
 }
 
 impl Agent {
@@ -51,6 +53,7 @@ impl Agent {
         node_cgroup: &Path,
         id: &str,
         index: usize,
+        extra_args: &[String],
     ) -> anyhow::Result<Agent> {
         let object = bins.join("weft-ebpf.o");
         anyhow::ensure!(
@@ -69,6 +72,7 @@ impl Agent {
             cgroup: node_cgroup.join(format!("agent-{index}")),
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             log: node_dir.join(format!("agent-{index}.log")),
+            extra_args: extra_args.to_vec(),
         };
         std::fs::create_dir_all(&agent.cgroup_root)?;
         std::fs::create_dir_all(&agent.cgroup)?;
@@ -78,24 +82,26 @@ impl Agent {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut argv = vec![
+            self.bins.join("weft-redirector").display().to_string(),
+            "node".into(),
+            "--pods-dir".into(),
+            self.pods_dir.display().to_string(),
+            "--cgroup-root".into(),
+            self.cgroup_root.display().to_string(),
+            "--instance".into(),
+            self.instance.clone(),
+            "--listen".into(),
+            self.listen.to_string(),
+            "--bpf-object".into(),
+            self.bins.join("weft-ebpf.o").display().to_string(),
+        ];
+        argv.extend(self.extra_args.iter().cloned());
         let spec = ExecSpec {
             netns: PathBuf::from(network::netns_path(&self.node_ns)),
             cgroup: Some(self.cgroup.clone()),
             host_mounts: true,
-            argv: vec![
-                self.bins.join("weft-redirector").display().to_string(),
-                "node".into(),
-                "--pods-dir".into(),
-                self.pods_dir.display().to_string(),
-                "--cgroup-root".into(),
-                self.cgroup_root.display().to_string(),
-                "--instance".into(),
-                self.instance.clone(),
-                "--listen".into(),
-                self.listen.to_string(),
-                "--bpf-object".into(),
-                self.bins.join("weft-ebpf.o").display().to_string(),
-            ],
+            argv,
             env: vec![
                 ("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into()),
                 ("RUST_LOG".into(), "info".into()),
