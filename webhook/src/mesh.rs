@@ -175,7 +175,8 @@ pub struct MeshConfig {
     pub enable_prometheus_merge: bool,
     /// Revision written in the `sidecar.istio.io/status` annotation.
     pub revision: String,
-    /// Worker threads of the proxy; unset lets the proxy decide.
+    /// Worker threads of every proxy. Unset: one, or from the proxy's CPU where the pod sets
+    /// it; `0`: from the proxy's CPU (limit, else request), as Istio does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
     /// Extra environment variables of every proxy (Istio's `proxyMetadata`).
@@ -369,8 +370,11 @@ impl MeshConfig {
                 }
             }
         }
-        if self.concurrency == Some(0) {
-            return invalid("concurrency", "must be at least 1 (or unset)".into());
+        if self.concurrency.is_some_and(|n| n > 64) {
+            return invalid(
+                "concurrency",
+                "must be at most 64 (0: from the proxy's CPU, as in Istio)".into(),
+            );
         }
         Ok(())
     }
@@ -454,6 +458,14 @@ mod tests {
         let back = MeshConfig::from_yaml(&serde_yaml_ng::to_string(&full).expect("yaml"))
             .expect("roundtrip");
         assert_eq!(back, full);
+    }
+
+    #[test]
+    fn concurrency_zero_is_istios_and_too_many_is_an_error() {
+        let m = MeshConfig::from_yaml("concurrency: 0\n").expect("0 is valid");
+        assert_eq!(m.concurrency, Some(0));
+        let e = MeshConfig::from_yaml("concurrency: 65\n").expect_err("too many");
+        assert!(e.to_string().contains("concurrency"), "{e}");
     }
 
     #[test]
