@@ -151,6 +151,18 @@ const HTTP_ROUTE: Table = &[
         "spec.parentRefs[].sectionName",
         "the route applies to every port of its parent Service",
     ),
+    (
+        "spec.rules[].filters[].extensionRef",
+        "Weft defines no ExtensionRef filters",
+    ),
+    (
+        "spec.rules[].backendRefs[].filters[].extensionRef",
+        "Weft defines no ExtensionRef filters",
+    ),
+    (
+        "spec.hostnames",
+        "the route takes every request to its parent Service",
+    ),
 ];
 
 /// Warns about every field of `object` (a `kind` of `group`) that Weft does not honour.
@@ -191,17 +203,7 @@ pub(crate) fn check(group: &str, kind: &str, object: &Value, report: &mut Report
             report,
             "not applied: Weft's metrics are fixed and it exports no traces or access logs",
         ),
-        (gateway::GROUP, "HTTPRoute") => {
-            table(object, "", HTTP_ROUTE, report);
-            extension_refs(object, "spec.rules[].filters[]", report);
-            extension_refs(object, "spec.rules[].backendRefs[].filters[]", report);
-            hostnames(object, report);
-        }
-        (gateway::GROUP, "GRPCRoute") => {
-            table(object, "", HTTP_ROUTE, report);
-            extension_refs(object, "spec.rules[].filters[]", report);
-            hostnames(object, report);
-        }
+        (gateway::GROUP, "HTTPRoute" | "GRPCRoute") => table(object, "", HTTP_ROUTE, report),
         (gateway::GROUP, "Gateway" | "GatewayClass") => whole(
             report,
             "not served: Weft implements the Gateway API's mesh (GAMMA) routes only",
@@ -237,7 +239,8 @@ fn table(object: &Value, prefix: &str, table: Table, report: &mut Report) {
     }
 }
 
-/// The concrete paths (`spec.http[2].retries.backoff`) of `path` that are set in `object`.
+/// The concrete paths (`spec.http[2].retries.backoff`) of `path` that are set in `object`
+/// (null and empty arrays or maps count as unset).
 fn present(object: &Value, path: &str) -> Vec<String> {
     let mut found = Vec::new();
     walk(object, path, String::new(), &mut found);
@@ -246,7 +249,13 @@ fn present(object: &Value, path: &str) -> Vec<String> {
 
 fn walk(value: &Value, rest: &str, at: String, found: &mut Vec<String>) {
     if rest.is_empty() {
-        if !value.is_null() {
+        let unset = match value {
+            Value::Null => true,
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        if !unset {
             found.push(at);
         }
         return;
@@ -275,62 +284,26 @@ fn walk(value: &Value, rest: &str, at: String, found: &mut Vec<String>) {
 
 /// A VirtualService bound to gateways other than `mesh` is not served for those gateways.
 fn gateways(object: &Value, report: &mut Report) {
-    let others = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .filter(|g| *g != "mesh")
-            .map(str::to_owned)
-            .collect()
+    let Some(gateways) = object.pointer("/spec/gateways").and_then(Value::as_array) else {
+        return;
     };
-    let top = object
-        .pointer("/spec/gateways")
-        .map(others)
-        .unwrap_or_default();
-    if !top.is_empty() {
-        let applies = object
-            .pointer("/spec/gateways")
-            .and_then(Value::as_array)
-            .is_some_and(|g| g.iter().any(|g| g == "mesh"));
-        report.warning(
-            "spec.gateways",
-            format!(
-                "Weft runs no Istio gateway: {} not served{}",
-                top.join(", "),
-                if applies {
-                    "; the routes apply to the mesh"
-                } else {
-                    "; this VirtualService applies to no sidecar"
-                }
-            ),
-        );
+    let names: Vec<&str> = gateways.iter().filter_map(Value::as_str).collect();
+    let others: Vec<&str> = names.iter().copied().filter(|g| *g != "mesh").collect();
+    if others.is_empty() {
+        return;
     }
-}
-
-/// Gateway API `ExtensionRef` filters are implementation-specific; Weft defines none.
-fn extension_refs(object: &Value, path: &str, report: &mut Report) {
-    for field in present(object, &format!("{path}.extensionRef")) {
-        report.warning(
-            field,
-            "not supported by Weft and ignored: Weft defines no ExtensionRef filters",
-        );
-    }
-}
-
-/// A mesh route's `hostnames` would narrow the requests it takes; Weft applies it to every
-/// request to its parent Service.
-fn hostnames(object: &Value, report: &mut Report) {
-    if object
-        .pointer("/spec/hostnames")
-        .and_then(Value::as_array)
-        .is_some_and(|h| !h.is_empty())
-    {
-        report.warning(
-            "spec.hostnames",
-            "not supported by Weft and ignored: the route takes every request to its parent Service",
-        );
-    }
+    report.warning(
+        "spec.gateways",
+        format!(
+            "Weft runs no Istio gateway: {} not served{}",
+            others.join(", "),
+            if names.contains(&"mesh") {
+                "; the routes apply to the mesh"
+            } else {
+                "; this VirtualService applies to no sidecar"
+            }
+        ),
+    );
 }
 
 #[cfg(test)]
@@ -353,6 +326,9 @@ mod tests {
             ]
         );
         assert!(present(&v, "spec.tcp[].match").is_empty());
+        let empty: Value = serde_json::json!({"spec": {"ingress": [], "tunnel": {}}});
+        assert!(present(&empty, "spec.ingress").is_empty());
+        assert!(present(&empty, "spec.tunnel").is_empty());
         assert!(present(&v, "spec.http.retries").is_empty());
     }
 }
