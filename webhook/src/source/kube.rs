@@ -1059,26 +1059,18 @@ mod tests {
             namespace: "shop".into(),
             name: name.into(),
         };
+        let mut feed = |events| feed_screened(&kind, &mut writer, &reader, &store, &screen, events);
+        let regex = |name: &str| crate::source::stored_regex(&store, name);
 
         // The first list: one good object, one the validator rejects (no earlier version).
-        let seen = feed_screened(
-            &kind,
-            &mut writer,
-            &reader,
-            &store,
-            &screen,
-            vec![
-                Event::Init,
-                Event::InitApply(routed("reviews", "^/v1/.*")),
-                Event::InitApply(routed("ratings", "/v1/(")),
-                Event::InitDone,
-            ],
-        );
+        let seen = feed(vec![
+            Event::Init,
+            Event::InitApply(routed("reviews", "^/v1/.*")),
+            Event::InitApply(routed("ratings", "/v1/(")),
+            Event::InitDone,
+        ]);
         assert_eq!(seen, ["nothing", "nothing", "nothing", "replace"]);
-        assert_eq!(
-            crate::source::stored_regex(&store, "reviews").as_deref(),
-            Some("^/v1/.*")
-        );
+        assert_eq!(regex("reviews").as_deref(), Some("^/v1/.*"));
         assert_eq!(
             store.snapshot().configs.len(),
             1,
@@ -1098,99 +1090,48 @@ mod tests {
 
         // A bad update of the good one: nothing changes, the good version stays in force.
         let generation = store.generation();
-        let seen = feed_screened(
-            &kind,
-            &mut writer,
-            &reader,
-            &store,
-            &screen,
-            vec![Event::Apply(routed("reviews", "^/v2/[a-"))],
-        );
+        let seen = feed(vec![Event::Apply(routed("reviews", "^/v2/[a-"))]);
         assert_eq!(seen, ["nothing"]);
         assert_eq!(store.generation(), generation, "no change reaches proxies");
-        assert_eq!(
-            crate::source::stored_regex(&store, "reviews").as_deref(),
-            Some("^/v1/.*")
-        );
+        assert_eq!(regex("reviews").as_deref(), Some("^/v1/.*"));
         assert_eq!(metric(&metrics, "weft_config_rejected"), "2");
         assert_eq!(metric(&metrics, "weft_config_rejections_total"), "2");
 
         // A re-list sees both bad versions again: still held, not reported again, and the
         // last good version survives the replace.
-        feed_screened(
-            &kind,
-            &mut writer,
-            &reader,
-            &store,
-            &screen,
-            vec![
-                Event::Init,
-                Event::InitApply(routed("reviews", "^/v2/[a-")),
-                Event::InitApply(routed("ratings", "/v1/(")),
-                Event::InitDone,
-            ],
-        );
-        assert_eq!(
-            crate::source::stored_regex(&store, "reviews").as_deref(),
-            Some("^/v1/.*")
-        );
-        assert_eq!(crate::source::stored_regex(&store, "ratings"), None);
+        feed(vec![
+            Event::Init,
+            Event::InitApply(routed("reviews", "^/v2/[a-")),
+            Event::InitApply(routed("ratings", "/v1/(")),
+            Event::InitDone,
+        ]);
+        assert_eq!(regex("reviews").as_deref(), Some("^/v1/.*"));
+        assert_eq!(regex("ratings"), None);
         assert_eq!(metric(&metrics, "weft_config_rejected"), "2");
         assert_eq!(metric(&metrics, "weft_config_rejections_total"), "2");
 
         // Fixed: the fixed version is used and the hold lifted.
-        let seen = feed_screened(
-            &kind,
-            &mut writer,
-            &reader,
-            &store,
-            &screen,
-            vec![Event::Apply(routed("ratings", "^/v1/(a|b)$"))],
-        );
+        let seen = feed(vec![Event::Apply(routed("ratings", "^/v1/(a|b)$"))]);
         assert_eq!(seen, ["upsert"]);
-        assert_eq!(
-            crate::source::stored_regex(&store, "ratings").as_deref(),
-            Some("^/v1/(a|b)$")
-        );
+        assert_eq!(regex("ratings").as_deref(), Some("^/v1/(a|b)$"));
         assert_eq!(screen.held_keys(), vec![key("reviews")]);
         assert_eq!(metric(&metrics, "weft_config_rejected"), "1");
 
         // Deleting the held one removes it and its hold.
-        let seen = feed_screened(
-            &kind,
-            &mut writer,
-            &reader,
-            &store,
-            &screen,
-            vec![Event::Delete(routed("reviews", "^/v2/[a-"))],
-        );
+        let seen = feed(vec![Event::Delete(routed("reviews", "^/v2/[a-"))]);
         assert_eq!(seen, ["remove"]);
-        assert_eq!(crate::source::stored_regex(&store, "reviews"), None);
+        assert_eq!(regex("reviews"), None);
         assert!(screen.held_keys().is_empty());
         assert_eq!(metric(&metrics, "weft_config_rejected"), "0");
 
         // A held object deleted during a watch gap: the re-list lifts its hold.
-        feed_screened(
-            &kind,
-            &mut writer,
-            &reader,
-            &store,
-            &screen,
-            vec![Event::Apply(routed("details", "("))],
-        );
+        feed(vec![Event::Apply(routed("details", "("))]);
         assert_eq!(screen.held_keys(), vec![key("details")]);
-        feed_screened(
-            &kind,
-            &mut writer,
-            &reader,
-            &store,
-            &screen,
-            vec![
-                Event::Init,
-                Event::InitApply(routed("ratings", "^/v1/(a|b)$")),
-                Event::InitDone,
-            ],
-        );
+        feed(vec![
+            Event::Init,
+            Event::InitApply(routed("ratings", "^/v1/(a|b)$")),
+            Event::InitDone,
+        ]);
         assert!(screen.held_keys().is_empty());
         assert_eq!(metric(&metrics, "weft_config_rejected"), "0");
         assert_eq!(metric(&metrics, "weft_config_rejections_total"), "3");
