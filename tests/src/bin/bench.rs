@@ -148,8 +148,7 @@ fn rounds(
     for round in 0..rounds as usize {
         println!("  round {} of {rounds}", round + 1);
         for i in (0..modes.len()).map(|i| (i + round) % modes.len()) {
-            let m = &modes[i];
-            runs[i].push(measured(node, m.name, m.from, &m.url, each, &m.proxies)?);
+            runs[i].push(measured(node, &modes[i], each)?);
         }
     }
     Ok(runs.into_iter().map(combine).collect())
@@ -187,14 +186,14 @@ fn combine(runs: Vec<ModeResult>) -> ModeResult {
     }
 }
 
-fn measured(
-    node: &LocalNode,
-    mode: &str,
-    from: &PodRef,
-    url: &str,
-    seconds: u64,
-    proxies: &[(&str, &PodRef, &str)],
-) -> anyhow::Result<ModeResult> {
+/// One measurement of `mode` for `seconds`.
+fn measured(node: &LocalNode, mode: &Mode<'_>, seconds: u64) -> anyhow::Result<ModeResult> {
+    let Mode {
+        name: mode,
+        from,
+        url,
+        proxies,
+    } = mode;
     let before: Vec<ProcUsage> = proxies
         .iter()
         .map(|(_, p, c)| usage(node, p, c))
@@ -215,7 +214,7 @@ fn measured(
         r.p50_us, r.p90_us, r.p99_us, r.rps, r.failed
     );
     Ok(ModeResult {
-        mode: mode.to_owned(),
+        mode: (*mode).to_owned(),
         p50_us: r.p50_us,
         p90_us: r.p90_us,
         p99_us: r.p99_us,
